@@ -1,0 +1,12 @@
+"""gqaprune: GQA-aware structured pruning for Llama-family models.
+
+Importing the package registers the per-layer pruned Llama with transformers'
+Auto classes, so ``AutoModelForCausalLM.from_pretrained(dir)`` loads a per-layer
+checkpoint without ``trust_remote_code``.
+"""
+
+from gqaprune.errors import GQAPruneError
+from gqaprune import pruned_llama as _pruned_llama  # noqa: F401  (registers Auto classes)
+
+__version__ = "0.1.0"
+__all__ = ["GQAPruneError", "__version__"]
