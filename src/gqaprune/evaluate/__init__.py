@@ -1,0 +1,1 @@
+"""Evaluation: perplexity (stated protocol), zero-shot accuracy (lm-eval), side-by-side comparison."""
