@@ -44,7 +44,7 @@ class ModelScores:
     """One model's numbers: ``ppl`` {dataset: PPL}, ``acc`` {task: accuracy in [0, 1]}.
 
     ``protocol`` {dataset: text} says how each PPL was measured (split, window, stride, tokens);
-    ``protocol_key`` {dataset: (split, window, stride)} lets ``compare`` refuse mismatched protocols.
+    ``protocol_key`` {dataset: (split, window, stride, max_tokens)} lets ``compare`` refuse mismatched protocols.
     """
 
     label: str
@@ -66,7 +66,7 @@ class ModelScores:
             d = r.to_dict() if hasattr(r, "to_dict") else dict(r)
             ds = str(name or d["dataset"])
             scores.ppl[ds] = float(d["ppl"])
-            scores.protocol_key[ds] = (d.get("split"), d.get("seq_len"), d.get("stride"))
+            scores.protocol_key[ds] = (d.get("split"), d.get("seq_len"), d.get("stride"), d.get("max_tokens"))
             n_tok = d.get("n_tokens")
             scores.protocol[ds] = (f"{d.get('dataset', ds)} {d.get('split')}, window {d.get('seq_len')}, "
                                    f"stride {d.get('stride')}" + (f", {n_tok:,} tokens" if n_tok else ""))
@@ -220,8 +220,8 @@ def compare(original: ModelScores, pruned: ModelScores, recovered: ModelScores, 
         keys = {m.label: m.protocol_key.get(ds) for m in (original, pruned, recovered) if m.protocol_key.get(ds)}
         if len(set(keys.values())) > 1:
             raise GQAPruneError(
-                f"compare: {ds} PPL was measured with different protocols (split, window, stride): {keys}. "
-                "Evaluate all three models with the same --seq-len and --stride."
+                f"compare: {ds} PPL was measured with different protocols (split, window, stride, max tokens): "
+                f"{keys}. Evaluate all three models with the same --seq-len, --stride and --max-tokens."
             )
 
     rows: list[Row] = []
