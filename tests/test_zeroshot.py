@@ -118,3 +118,11 @@ def test_hf_offline_restores_environment(monkeypatch):
 
     assert "HF_HUB_OFFLINE" not in os.environ and os.environ["HF_DATASETS_OFFLINE"] == "0"
     assert datasets.config.HF_HUB_OFFLINE == before
+
+
+def test_peft_model_is_accepted(tiny_model, tokenizer, data_env, no_network):
+    from peft import LoraConfig, get_peft_model
+
+    model = get_peft_model(tiny_model, LoraConfig(r=4, target_modules=["q_proj", "v_proj"]))
+    res = zs.zeroshot(model, tokenizer, "piqa", limit=2)
+    assert res["piqa"].n == 2 and 0 <= res["piqa"].acc <= 1
