@@ -51,8 +51,11 @@ class GQAPrunedLlamaConfig(LlamaConfig):
         return self.num_attention_heads // self.num_key_value_heads
 
     def validate_architecture(self):
-        """Per-layer lists must match the depth and be positive; the Q:KV ratio must be whole."""
-        super().validate_architecture()
+        """Per-layer lists must match the depth and be positive; the Q:KV ratio must be whole.
+
+        Unlike LlamaConfig, hidden_size need not be a multiple of num_attention_heads:
+        head_dim is explicit and every layer's width comes from the lists.
+        """
         if self.num_attention_heads % self.num_key_value_heads:
             raise ValueError("num_attention_heads must be a multiple of num_key_value_heads")
         for name in ("kv_heads_per_layer", "intermediate_size_per_layer"):

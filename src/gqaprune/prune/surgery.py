@@ -1,0 +1,138 @@
+"""apply_plan(model, plan): slice projection weights to the kept units and fix the config.
+
+The result is rebuilt as the class its shape calls for (see ``target_config``):
+  * every layer the same, hidden_size divisible by the query heads -> stock ``LlamaConfig``;
+  * every layer the same, not divisible (e.g. Llama-3-8B at 28 query heads: 4096 % 28 != 0;
+    transformers 5's LlamaConfig refuses that even with head_dim set) -> stock ``MistralConfig``,
+    whose model is Llama's math (RMSNorm, RoPE, SiLU MLP, no biases) and which transformers,
+    vLLM and llama.cpp's converter all load with no extra code;
+  * layers differ (per-layer layout, or uniform with protected layers) -> gqaprune's
+    ``GQAPrunedLlamaConfig`` (auto_map + remote code in the checkpoint).
+Surgery never scores; scoring never touches weights.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+from torch import nn
+
+from gqaprune.prune.plan import PrunePlan
+from gqaprune.prune.structure import decoder_layers, kv_rows, model_layout, q_rows
+
+log = logging.getLogger(__name__)
+
+# Config fields that describe the source file, not the architecture.
+_DROP = ("quantization_config", "auto_map", "architectures", "_name_or_path", "model_type", "transformers_version",
+         "kv_heads_per_layer", "intermediate_size_per_layer", "_commit_hash", "dtype", "torch_dtype")
+
+
+def _slice_linear(lin: nn.Linear, rows: torch.Tensor | None = None, cols: torch.Tensor | None = None) -> nn.Linear:
+    w = lin.weight.data
+    dev = w.device
+    if rows is not None:
+        w = w.index_select(0, rows.to(dev))
+    if cols is not None:
+        w = w.index_select(1, cols.to(dev))
+    new = nn.Linear(w.shape[1], w.shape[0], bias=lin.bias is not None, device="meta")
+    new.weight = nn.Parameter(w.contiguous(), requires_grad=lin.weight.requires_grad)
+    if lin.bias is not None:
+        b = lin.bias.data if rows is None else lin.bias.data.index_select(0, rows.to(dev))
+        new.bias = nn.Parameter(b.contiguous(), requires_grad=lin.bias.requires_grad)
+    return new
+
+
+def slice_in_place(model, plan: PrunePlan) -> None:
+    """Replace each layer's projections with their kept rows/columns (no class or config change)."""
+    layout = model_layout(model)
+    plan.check_matches(layout)
+    r, d = layout.q_per_kv, layout.head_dim
+    for layer, groups, chans in zip(decoder_layers(model), plan.kv_groups, plan.mlp_channels):
+        attn, mlp = layer.self_attn, layer.mlp
+        qi, kvi = q_rows(groups, r, d), kv_rows(groups, d)
+        ci = torch.tensor(chans, dtype=torch.long)
+        attn.q_proj = _slice_linear(attn.q_proj, rows=qi)
+        attn.k_proj = _slice_linear(attn.k_proj, rows=kvi)
+        attn.v_proj = _slice_linear(attn.v_proj, rows=kvi)
+        attn.o_proj = _slice_linear(attn.o_proj, cols=qi)
+        mlp.gate_proj = _slice_linear(mlp.gate_proj, rows=ci)
+        mlp.up_proj = _slice_linear(mlp.up_proj, rows=ci)
+        mlp.down_proj = _slice_linear(mlp.down_proj, cols=ci)
+        if hasattr(mlp, "intermediate_size"):
+            mlp.intermediate_size = len(chans)
+
+
+def target_config(config, kv: list[int], mlp: list[int]):
+    """The config for a model whose layer i keeps ``kv[i]`` KV heads and ``mlp[i]`` channels."""
+    from transformers import LlamaConfig, MistralConfig
+
+    from gqaprune.pruned_llama import GQAPrunedLlamaConfig
+
+    src = {k: v for k, v in config.to_dict().items() if k not in _DROP}
+    head_dim = config.head_dim if getattr(config, "head_dim", None) else config.hidden_size // config.num_attention_heads
+    n_kv_src = config.num_key_value_heads or config.num_attention_heads
+    r = config.num_attention_heads // n_kv_src
+    src["head_dim"] = head_dim  # never let transformers derive it from hidden_size // heads
+    biased = bool(src.get("attention_bias")) or bool(src.get("mlp_bias"))
+    if len(set(kv)) == 1 and len(set(mlp)) == 1 and not (biased and config.hidden_size % (kv[0] * r)):
+        src.update(num_attention_heads=kv[0] * r, num_key_value_heads=kv[0], intermediate_size=mlp[0])
+        if config.hidden_size % (kv[0] * r) == 0:
+            return LlamaConfig(**src)
+        fields = set(MistralConfig.__dataclass_fields__)
+        kw = {k: v for k, v in src.items() if k in fields}
+        kw["sliding_window"] = None
+        return MistralConfig(**kw)
+    if getattr(config, "model_type", None) == "gqapruned_llama":
+        base_heads, base_kv, base_mlp = config.num_attention_heads, config.num_key_value_heads, config.intermediate_size
+    else:
+        base_heads, base_kv, base_mlp = config.num_attention_heads, n_kv_src, config.intermediate_size
+    src.update(num_attention_heads=base_heads, num_key_value_heads=base_kv, intermediate_size=base_mlp)
+    fields = set(GQAPrunedLlamaConfig.__dataclass_fields__)
+    kw = {k: v for k, v in src.items() if k in fields}
+    return GQAPrunedLlamaConfig(**kw, kv_heads_per_layer=list(kv), intermediate_size_per_layer=list(mlp))
+
+
+def rebuild_as(model, config):
+    """Move a sliced model's weights into a fresh instance of the class ``config`` calls for.
+
+    Built on the meta device and filled by assignment, so no second copy of the weights
+    and no random initialisation (which takes minutes for 8B on CPU).
+    """
+    from transformers import AutoModelForCausalLM
+
+    dtype = next(model.parameters()).dtype
+    with torch.device("meta"):
+        new = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    state = model.state_dict()
+    missing, unexpected = new.load_state_dict(state, strict=False, assign=True)
+    tied = getattr(config, "tie_word_embeddings", False)
+    missing = [k for k in missing if not (tied and k == "lm_head.weight")]
+    if missing or unexpected:
+        raise RuntimeError(f"rebuild failed: missing {missing[:5]}, unexpected {unexpected[:5]}")
+    if tied:
+        new.tie_weights()
+    # Non-persistent buffers (rotary inv_freq) are not in the state dict: copy them over.
+    old_buffers = dict(model.named_buffers())
+    for name, buf in list(new.named_buffers()):
+        mod_name, _, attr = name.rpartition(".")
+        mod = new.get_submodule(mod_name) if mod_name else new
+        src = old_buffers.get(name)
+        if src is None:
+            raise RuntimeError(f"rebuild failed: no source for buffer {name}")
+        mod._buffers[attr] = src
+    for attr in ("original_inv_freq",):  # plain attributes some rotary classes keep
+        for (n_old, m_old), (n_new, m_new) in zip(model.named_modules(), new.named_modules()):
+            if hasattr(m_old, attr) and isinstance(getattr(m_old, attr), torch.Tensor):
+                setattr(m_new, attr, getattr(m_old, attr))
+    new.generation_config = model.generation_config
+    new.config.use_cache = True
+    return new.eval()
+
+
+def apply_plan(model, plan: PrunePlan):
+    """Slice ``model`` to ``plan`` (in place, freeing removed weights) and return the rebuilt model."""
+    slice_in_place(model, plan)
+    cfg = target_config(model.config, plan.kept_kv, plan.kept_mlp)
+    log.info("rebuilding as %s", type(cfg).__name__)
+    return rebuild_as(model, cfg)
