@@ -1,0 +1,36 @@
+#!/usr/bin/env python
+"""Merge a LoRA adapter into its pruned base model and save the result like the base.
+
+    python scripts/merge_and_save_lora.py --pruned_model PRUNED --lora_dir LORA --output_dir MERGED
+
+A thin wrapper over ``gqaprune.merge.merge_and_save_lora``; ``gqaprune merge`` takes the same options.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import logging
+import sys
+
+
+def main(argv: list[str] | None = None) -> int:
+    from gqaprune.errors import GQAPruneError
+    from gqaprune.merge import MergeOptions, merge_and_save_lora
+    from gqaprune.options import add_options, options_from_args
+
+    parser = argparse.ArgumentParser(prog="merge_and_save_lora.py", description=__doc__.split("\n\n")[0])
+    add_options(parser, MergeOptions, underscore=True)
+    opts = options_from_args(MergeOptions, parser.parse_args(argv))
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    try:
+        result = merge_and_save_lora(**dataclasses.asdict(opts))
+    except GQAPruneError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return e.exit_code
+    print("\n".join(result.lines()))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
