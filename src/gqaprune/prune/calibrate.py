@@ -63,21 +63,25 @@ def _calibration_mode(model, gradient_checkpointing: bool):
     """Train-mode forward with only the projection weights requiring grad; restored afterwards."""
     saved = {n: p.requires_grad for n, p in model.named_parameters()}
     was_training, use_cache = model.training, getattr(model.config, "use_cache", True)
-    gc_was = getattr(model, "is_gradient_checkpointing", False)
+    # transformers 5 renamed gradient -> activation checkpointing; accept either spelling.
+    enable = getattr(model, "activation_checkpointing_enable", None) or getattr(model, "gradient_checkpointing_enable", None)
+    disable = getattr(model, "activation_checkpointing_disable", None) or getattr(model, "gradient_checkpointing_disable", None)
+    gc_was = bool(getattr(model, "is_activation_checkpointing", getattr(model, "is_gradient_checkpointing", False)))
     try:
         for n, p in model.named_parameters():
             p.requires_grad_(n.rsplit(".", 2)[-2] in ATTN_PROJS + MLP_PROJS)
         model.config.use_cache = False
-        if gradient_checkpointing and hasattr(model, "gradient_checkpointing_enable"):
-            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        if gradient_checkpointing and enable is not None:
+            key = "activation_checkpointing_kwargs" if "activation" in enable.__name__ else "gradient_checkpointing_kwargs"
+            enable(**{key: {"use_reentrant": False}})
         model.train()  # HF only checkpoints in train mode; Llama has no dropout by default
         yield
     finally:
         for n, p in model.named_parameters():
             p.requires_grad_(saved[n])
             p.grad = None
-        if gradient_checkpointing and not gc_was and hasattr(model, "gradient_checkpointing_disable"):
-            model.gradient_checkpointing_disable()
+        if gradient_checkpointing and not gc_was and disable is not None:
+            disable()
         model.config.use_cache = use_cache
         model.train(was_training)
 

@@ -206,7 +206,7 @@ def solve_counts(layout: ModelLayout, removed: int, pruned: list[int], min_mlp: 
             balance = abs(k / s0.n_kv - m / s0.n_mlp)
             cands.append((err, balance, k, m))
     if not cands:
-        raise GQAPruneError("no feasible split: check --min-mlp and --round-mlp-to against the MLP width")
+        raise GQAPruneError(_too_much(layout, removed, len(pruned), min_mlp))
     best_err = min(c[0] for c in cands)
     if best_err > step:
         raise GQAPruneError(_too_much(layout, removed, len(pruned), min_mlp))
@@ -224,14 +224,25 @@ def _too_much(layout: ModelLayout, removed: int, n_pruned: int, min_mlp: int) ->
             "or unprotect layers (--keep-first/--keep-last).")
 
 
+def check_budget(layout: ModelLayout, budget: Budget, keep_first: int = 0, keep_last: int = 0,
+                 min_mlp: int = 1) -> tuple[int, list[int]]:
+    """Validate the budget against the model before any expensive work; (params to remove, pruned layers)."""
+    removed = budget.removed(layout.total_params)
+    pruned = sorted(set(range(layout.num_layers)) - protected_layers(layout.num_layers, keep_first, keep_last))
+    most = sum((layout.layers[i].n_kv - 1) * layout.group_params
+               + (layout.layers[i].n_mlp - max(min_mlp, 1)) * layout.channel_params for i in pruned)
+    if removed > most:
+        raise GQAPruneError(_too_much(layout, removed, len(pruned), min_mlp))
+    return removed, pruned
+
+
 def make_plan(layout: ModelLayout, scores: list[dict], budget: Budget, *, layout_kind: str = "uniform",
               keep_first: int = 0, keep_last: int = 0, min_mlp: int = 1, round_mlp_to: int | None = None,
               provenance: dict | None = None) -> PrunePlan:
     """Choose the kept units per layer from scores and a budget."""
     if layout_kind not in LAYOUTS:
         raise GQAPruneError(f"--layout {layout_kind}: choose one of {', '.join(LAYOUTS)}")
-    removed = budget.removed(layout.total_params)
-    pruned = sorted(set(range(layout.num_layers)) - protected_layers(layout.num_layers, keep_first, keep_last))
+    removed, pruned = check_budget(layout, budget, keep_first, keep_last, min_mlp)
     if layout_kind == "uniform":
         k, m = solve_counts(layout, removed, pruned, min_mlp, round_mlp_to)
         kv_rm = {i: k for i in pruned}

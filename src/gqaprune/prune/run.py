@@ -13,7 +13,7 @@ from gqaprune import __version__
 from gqaprune.errors import GQAPruneError
 from gqaprune.options import opt
 from gqaprune.prune.importance import CRITERIA
-from gqaprune.prune.plan import LAYOUTS, Budget, PrunePlan, make_plan
+from gqaprune.prune.plan import LAYOUTS, Budget, PrunePlan, check_budget, make_plan
 from gqaprune.prune.structure import count_params, model_layout
 
 log = logging.getLogger(__name__)
@@ -123,6 +123,8 @@ def prune(opts: PruneOptions) -> PruneResult:
 
     calib_desc = None
     if plan is None:
+        check_budget(layout, Budget(opts.pruning_ratio, opts.target_params), opts.keep_first, opts.keep_last,
+                     opts.min_mlp)
         needs_data = opts.criterion not in ("magnitude", "random")
         ids = None
         if needs_data:

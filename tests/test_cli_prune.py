@@ -1,0 +1,178 @@
+"""The prune / eval / check commands end to end on tiny models, and every bad input (exit 2)."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+
+from conftest import make_tiny_model, make_tokenizer
+from gqaprune.cli import main
+
+
+@pytest.fixture
+def calib_file(tmp_path):
+    """A small local calibration text (so tests don't depend on the shared data)."""
+    p = tmp_path / "calib.txt"
+    p.write_text("\n\n".join(f"The quick brown fox {i} jumps over the lazy dog number {i * 7}." for i in range(400)))
+    return p
+
+
+def prune_args(src, out, calib, *extra):
+    return ["prune", "--model", str(src), "--output", str(out), "--calibration", str(calib),
+            "--num-samples", "4", "--seq-len", "16", "--calib-batch-size", "2", *extra]
+
+
+def test_prune_cli_writes_loadable_checkpoint(tiny_dir, tmp_path, calib_file, capsys):
+    out = tmp_path / "pruned"
+    rc = main(prune_args(tiny_dir, out, calib_file, "--pruning-ratio", "0.3", "--layout", "per-layer"))
+    assert rc == 0
+    text = capsys.readouterr().out
+    assert "parameters" in text and "Q:KV" in text and "peak RSS" in text
+    for f in ("config.json", "model.safetensors", "prune_plan.json", "kept_units.png", "tokenizer.json",
+              "generation_config.json"):
+        assert (out / f).is_file(), f
+    plan = json.loads((out / "prune_plan.json").read_text())
+    prov = plan["provenance"]
+    assert prov["criterion"] == "taylor" and prov["calibration_tokens"] == 64 and prov["seed"] == 0
+    assert prov["params_before"] > prov["params_after"]
+    assert (out / "kept_units.png").read_bytes()[:4] == b"\x89PNG"
+    # replaying the saved plan on the original model gives the same weights
+    out2 = tmp_path / "replayed"
+    assert main(["prune", "--model", str(tiny_dir), "--plan", str(out / "prune_plan.json"), "--output", str(out2)]) == 0
+    from safetensors.torch import load_file
+    a, b = load_file(out / "model.safetensors"), load_file(out2 / "model.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_prune_with_eval_ppl_prints_before_and_after(tiny_dir, tmp_path, calib_file, capsys):
+    corpus = tmp_path / "eval.txt"
+    corpus.write_text("Grouped query attention shares one key and value head. " * 40)
+    rc = main(prune_args(tiny_dir, tmp_path / "o", calib_file, "--pruning-ratio", "0.2", "--eval-ppl", str(corpus),
+                         "--ppl-seq-len", "32"))
+    assert rc == 0
+    text = capsys.readouterr().out
+    assert "before" in text and "after" in text and "window 32" in text
+
+
+def _bad(args, capsys, match):
+    rc = main(args)
+    err = capsys.readouterr().err
+    assert rc == 2, err
+    assert match.lower() in err.lower(), err
+    return err
+
+
+def test_bad_inputs_exit_2_and_leave_nothing(tiny_dir, tmp_path, calib_file, capsys):
+    out = tmp_path / "never"
+    base = lambda *extra: prune_args(tiny_dir, out, calib_file, *extra)  # noqa: E731
+    _bad(["prune", "--model", str(tmp_path / "missing"), "--pruning-ratio", "0.2", "--output", str(out)], capsys,
+         "no such file")
+    _bad(["prune", "--model", "smollm9-1t", "--pruning-ratio", "0.2", "--output", str(out)], capsys, "alias")
+    for r in ("0", "1", "-0.5", "1.5"):
+        _bad(base("--pruning-ratio", r), capsys, "between 0 and 1")
+    _bad(base("--pruning-ratio", "0.97"), capsys, "at least one KV group")
+    _bad(base("--pruning-ratio", "0.2", "--keep-first", "1", "--keep-last", "1"), capsys, "nothing would be left")
+    empty = tmp_path / "empty.txt"
+    empty.write_text("")
+    _bad(prune_args(tiny_dir, out, empty, "--pruning-ratio", "0.2"), capsys, "tokens")
+    short = tmp_path / "short.txt"
+    short.write_text("too short")
+    _bad(prune_args(tiny_dir, out, short, "--pruning-ratio", "0.2"), capsys, "only")
+    _bad(base("--pruning-ratio", "0.2", "--seq-len", "1"), capsys, "seq-len")
+    assert not out.exists()
+    out.mkdir()
+    _bad(base("--pruning-ratio", "0.2"), capsys, "exists")
+    assert not list(out.iterdir())
+    # a plan made for another model
+    bad_plan = tmp_path / "plan.json"
+    other = tmp_path / "other"
+    m = make_tiny_model(num_hidden_layers=3)
+    m.save_pretrained(other)
+    make_tokenizer().save_pretrained(other)
+    assert main(prune_args(other, tmp_path / "o3", calib_file, "--pruning-ratio", "0.2")) == 0
+    bad_plan.write_text((tmp_path / "o3" / "prune_plan.json").read_text())
+    _bad(["prune", "--model", str(tiny_dir), "--plan", str(bad_plan), "--output", str(tmp_path / "o4")], capsys,
+         "does not match")
+    assert not (tmp_path / "o4").exists()
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")], "temp folders left behind"
+
+
+def test_non_llama_model_refused(tmp_path, capsys):
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    d = tmp_path / "gpt2"
+    GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=32, n_head=2, vocab_size=320)).save_pretrained(d)
+    make_tokenizer().save_pretrained(d)
+    _bad(["prune", "--model", str(d), "--pruning-ratio", "0.2", "--output", str(tmp_path / "o")], capsys, "gpt2")
+
+
+def test_corrupt_safetensors_refused(tiny_dir, tmp_path, capsys):
+    f = tiny_dir / "model.safetensors"
+    f.write_bytes(f.read_bytes()[:1000])
+    _bad(["eval", "--model", str(tiny_dir), "--ppl", str(f)], capsys, "corrupt")
+
+
+def test_eval_ppl_protocol_on_known_model(tmp_path, tokenizer, capsys):
+    """A model with a zero lm_head predicts uniformly: PPL must equal the vocabulary size exactly."""
+    m = make_tiny_model()
+    with torch.no_grad():
+        m.lm_head.weight.zero_()
+    d = tmp_path / "uniform"
+    m.save_pretrained(d)
+    tokenizer.save_pretrained(d)
+    text = tmp_path / "t.txt"
+    text.write_text("The quick brown fox jumps over the lazy dog. " * 30)
+    n_ids = len(tokenizer(text.read_text())["input_ids"])
+    out = tmp_path / "ev"
+    assert main(["eval", "--model", str(d), "--ppl", str(text), "--seq-len", "16", "--output", str(out)]) == 0
+    res = json.loads((out / "eval.json").read_text())["ppl"][0]
+    assert res["seq_len"] == 16 and res["stride"] == 16
+    assert res["n_tokens"] == (n_ids // 16) * 15          # non-overlapping windows, tail dropped
+    assert math.isclose(res["ppl"], 320, rel_tol=1e-5)
+    line = capsys.readouterr().out
+    assert "window 16" in line and "stride 16" in line and "tokens" in line
+    # sliding windows score every token after the first
+    assert main(["eval", "--model", str(d), "--ppl", str(text), "--seq-len", "16", "--stride", "4",
+                 "--output", str(out)]) == 0
+    res = json.loads((out / "eval.json").read_text())["ppl"][0]
+    assert res["n_tokens"] == n_ids - 1 and res["stride"] == 4
+
+
+def test_perplexity_matches_manual_nll(tiny_model, tokenizer):
+    from gqaprune.evaluate.perplexity import perplexity_of_ids
+
+    ids = torch.randint(3, 320, (70,), generator=torch.Generator().manual_seed(0))
+    nll, n = perplexity_of_ids(tiny_model, ids, seq_len=32, progress=False)
+    assert n == 2 * 31
+    manual = []
+    for b in (0, 32):
+        x = ids[b:b + 32][None]
+        lp = torch.log_softmax(tiny_model(x).logits[0, :-1].float(), -1)
+        manual.append(-lp.gather(-1, x[0, 1:, None]).squeeze(-1))
+    assert math.isclose(nll, torch.cat(manual).mean().item(), rel_tol=1e-5)
+
+
+def _doctor_k_proj(folder):
+    """Cut 8 rows (one head) from layer 1's k_proj: the Q:KV ratio breaks."""
+    from safetensors.torch import load_file, save_file
+
+    sd = load_file(folder / "model.safetensors")
+    k = "model.layers.1.self_attn.k_proj.weight"
+    sd[k] = sd[k][:-8].clone()
+    save_file(sd, folder / "model.safetensors", metadata={"format": "pt"})
+
+
+def test_check_passes_good_and_fails_doctored(tiny_dir, tmp_path, calib_file, capsys, data_env):
+    out = tmp_path / "pruned"
+    assert main(prune_args(tiny_dir, out, calib_file, "--pruning-ratio", "0.3")) == 0
+    args = ["check", str(out), "--max-ppl", "1e6", "--ppl-max-tokens", "2048"]
+    assert main(args) == 0
+    text = capsys.readouterr().out
+    assert "PASS" in text and "FAIL" not in text and "4:1" in text
+    _doctor_k_proj(out)
+    assert main(args) == 1
+    text = capsys.readouterr().out
+    assert "FAIL" in text and "BROKEN" in text
