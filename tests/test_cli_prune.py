@@ -128,7 +128,7 @@ def test_eval_ppl_protocol_on_known_model(tmp_path, tokenizer, capsys):
     n_ids = len(tokenizer(text.read_text())["input_ids"])
     out = tmp_path / "ev"
     assert main(["eval", "--model", str(d), "--ppl", str(text), "--seq-len", "16", "--output", str(out)]) == 0
-    res = json.loads((out / "eval.json").read_text())["ppl"][0]
+    res = json.loads((out / "eval.json").read_text())["results"][0]["ppl"][0]
     assert res["seq_len"] == 16 and res["stride"] == 16
     assert res["n_tokens"] == (n_ids // 16) * 15          # non-overlapping windows, tail dropped
     assert math.isclose(res["ppl"], 320, rel_tol=1e-5)
@@ -137,7 +137,7 @@ def test_eval_ppl_protocol_on_known_model(tmp_path, tokenizer, capsys):
     # sliding windows score every token after the first
     assert main(["eval", "--model", str(d), "--ppl", str(text), "--seq-len", "16", "--stride", "4",
                  "--output", str(out)]) == 0
-    res = json.loads((out / "eval.json").read_text())["ppl"][0]
+    res = json.loads((out / "eval.json").read_text())["results"][0]["ppl"][0]
     assert res["n_tokens"] == n_ids - 1 and res["stride"] == 4
 
 

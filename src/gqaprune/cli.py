@@ -66,13 +66,26 @@ def cmd_eval(ns) -> int:
     from gqaprune.evaluate.suite import EvalOptions, evaluate_model
 
     opts = options_from_args(EvalOptions, ns)
-    res = evaluate_model(opts)
-    for p in res.ppl:
-        print(_fmt_ppl(p))
-    if res.tasks:
-        print(json.dumps(res.tasks, indent=2))
+    suite = evaluate_model(opts)
+    for res in suite.results:
+        if len(suite.results) > 1:
+            print(f"== {res.model}" + (f" + {res.adapter}" if res.adapter else ""))
+        for p in res.ppl:
+            print(_fmt_ppl(p))
+        if res.zeroshot_md:
+            print(res.zeroshot_md)
+    if suite.comparison is not None:
+        print(suite.comparison.markdown())
     if opts.output:
         print(f"saved {opts.output}/eval.json and eval.md")
+    return 0
+
+
+# ---------------------------------------------------------------- generate
+def cmd_generate(ns) -> int:
+    from gqaprune.generate import GenerateOptions, run_generate
+
+    run_generate(options_from_args(GenerateOptions, ns))
     return 0
 
 
@@ -106,6 +119,8 @@ def cmd_check(ns) -> int:
 COMMANDS = {
     "prune": ("prune a model into a smaller checkpoint", "gqaprune.prune.run:PruneOptions", cmd_prune),
     "eval": ("perplexity (and zero-shot tasks) of a model", "gqaprune.evaluate.suite:EvalOptions", cmd_eval),
+    "generate": ("generate text (streamed) with a model, or base + LoRA adapter; interactive without --prompt",
+                 "gqaprune.generate:GenerateOptions", cmd_generate),
     "check": ("pre-flight checklist for a pruned checkpoint (exit 1 on failure)", "gqaprune.check:CheckOptions",
               cmd_check),
 }

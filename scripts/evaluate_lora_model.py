@@ -1,0 +1,38 @@
+#!/usr/bin/env python
+"""The seed guide's evaluate_lora_model.py: a thin wrapper over gqaprune.evaluate.suite.
+
+    python scripts/evaluate_lora_model.py --pruned_model PRUNED --lora_dir LORA --device cuda:0 \\
+        [--base_model ORIGINAL] [--tasks boolq,piqa,...] [--limit N] [--output_dir OUT]
+
+Same options as `gqaprune eval`, in the seed scripts' underscore style.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+
+
+def main(argv: list[str] | None = None) -> int:
+    from gqaprune.errors import GQAPruneError
+    from gqaprune.evaluate.suite import EvalOptions, evaluate_model
+    from gqaprune.options import add_options, options_from_args
+
+    p = argparse.ArgumentParser(prog="evaluate_lora_model.py", description=__doc__.split("\n\n")[0])
+    add_options(p, EvalOptions, underscore=True)
+    opts = options_from_args(EvalOptions, p.parse_args(argv))
+    opts.output = opts.output or "eval_results"
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    try:
+        suite = evaluate_model(opts)
+    except GQAPruneError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return e.exit_code
+    print(suite.markdown())
+    print(f"saved {opts.output}/eval.json and eval.md")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
