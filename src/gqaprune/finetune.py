@@ -404,13 +404,15 @@ class TokenizedSplit(torch.utils.data.Dataset):
     labels: np.ndarray    # int32, -100 where the token is not in the loss
     offsets: np.ndarray   # int64, len = n + 1
     record_idx: np.ndarray  # int64, index of each example in the loaded records
+    is_train: bool = True   # the collator's sample log records training batches only
 
     def __len__(self) -> int:
         return len(self.offsets) - 1
 
     def __getitem__(self, i: int) -> dict:
         a, b = int(self.offsets[i]), int(self.offsets[i + 1])
-        return {"input_ids": self.ids[a:b], "labels": self.labels[a:b], "idx": int(self.record_idx[i])}
+        return {"input_ids": self.ids[a:b], "labels": self.labels[a:b], "idx": int(self.record_idx[i]),
+                "train": self.is_train}
 
     @property
     def n_tokens(self) -> int:
@@ -535,10 +537,13 @@ def _load_cache(folder: Path) -> tuple[TokenizedSplit, TokenizedSplit | None] | 
     try:
         with np.load(f, allow_pickle=False) as z:
             get = lambda p: TokenizedSplit(*(z[f"{p}_{k}"] for k in ("ids", "labels", "offsets", "record_idx")))  # noqa: E731
-            return get("train"), (get("val") if "val_ids" in z.files else None)
+            train, val = get("train"), (get("val") if "val_ids" in z.files else None)
     except (OSError, KeyError, ValueError) as e:
         log.warning("tokenised-data cache %s is unreadable (%s); tokenising again", folder, e)
         return None
+    if val is not None:
+        val.is_train = False
+    return train, val
 
 
 def prepare_data(opts: FinetuneOptions, tokenizer, records: list[dict]
@@ -573,6 +578,8 @@ def prepare_data(opts: FinetuneOptions, tokenizer, records: list[dict]
     t0 = time.perf_counter()
     train, dropped = tokenize_records(records, train_idx, tokenizer, **kw)
     val, vdropped = tokenize_records(records, val_idx, tokenizer, **kw) if val_idx else (None, 0)
+    if val is not None:
+        val.is_train = False
     log.info("tokenised %d records in %.1f s (%d dropped: prompt longer than --cutoff_len %d)",
              len(train_idx) + len(val_idx), time.perf_counter() - t0, dropped + vdropped, opts.cutoff_len)
     if len(train) == 0:
@@ -610,7 +617,7 @@ class PadCollator:
             ids[row, :k] = torch.as_tensor(np.asarray(f["input_ids"], dtype=np.int64))
             labels[row, :k] = torch.as_tensor(np.asarray(f["labels"], dtype=np.int64))
             mask[row, :k] = 1
-        if self.sample_log is not None and "idx" in features[0]:
+        if self.sample_log is not None and features[0].get("train"):
             with open(self.sample_log, "a") as fh:
                 fh.write(",".join(str(int(f["idx"])) for f in features) + "\n")
         return {"input_ids": ids, "attention_mask": mask, "labels": labels}
