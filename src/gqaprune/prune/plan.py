@@ -238,24 +238,43 @@ def check_budget(layout: ModelLayout, budget: Budget, keep_first: int = 0, keep_
 
 def make_plan(layout: ModelLayout, scores: list[dict], budget: Budget, *, layout_kind: str = "uniform",
               keep_first: int = 0, keep_last: int = 0, min_mlp: int = 1, round_mlp_to: int | None = None,
-              provenance: dict | None = None) -> PrunePlan:
-    """Choose the kept units per layer from scores and a budget."""
+              provenance: dict | None = None, layer_weights: dict[int, float] | None = None) -> PrunePlan:
+    """Choose the kept units per layer from scores and a budget.
+
+    ``layer_weights`` (per-layer layout only): layer -> factor on that layer's normalised
+    scores when units are ranked across layers (sensitivity.py); a layer with weight 2
+    keeps its units as if they scored twice as high.
+    """
     if layout_kind not in LAYOUTS:
         raise GQAPruneError(f"--layout {layout_kind}: choose one of {', '.join(LAYOUTS)}")
+    if layer_weights is not None and layout_kind != "per-layer":
+        raise GQAPruneError("per-layer weights (--allocation sensitivity) need --layout per-layer: the uniform "
+                            "layout removes the same counts from every layer")
     removed, pruned = check_budget(layout, budget, keep_first, keep_last, min_mlp)
     if layout_kind == "uniform":
         k, m = solve_counts(layout, removed, pruned, min_mlp, round_mlp_to)
         kv_rm = {i: k for i in pruned}
         mlp_rm = {i: m for i in pruned}
     else:
-        kv_rm, mlp_rm = _per_layer_counts(layout, scores, removed, pruned, min_mlp, round_mlp_to)
+        kv_rm, mlp_rm = _per_layer_counts(layout, scores, removed, pruned, min_mlp, round_mlp_to, layer_weights)
     kv_keep, mlp_keep = [], []
     for i, (s, sc) in enumerate(zip(layout.layers, scores)):
         kv_keep.append(_top(sc["kv"], s.n_kv - kv_rm.get(i, 0)))
         mlp_keep.append(_top(sc["mlp"], s.n_mlp - mlp_rm.get(i, 0)))
-    shape = {"num_layers": layout.num_layers, "head_dim": layout.head_dim, "q_per_kv": layout.q_per_kv,
-             "hidden_size": layout.hidden_size, "kv_per_layer": [x.n_kv for x in layout.layers],
-             "mlp_per_layer": [x.n_mlp for x in layout.layers]}
+    return finish_plan(layout, kv_keep, mlp_keep, budget, removed, pruned, layout_kind=layout_kind,
+                       min_mlp=min_mlp, round_mlp_to=round_mlp_to, provenance=provenance)
+
+
+def source_shape(layout: ModelLayout) -> dict:
+    return {"num_layers": layout.num_layers, "head_dim": layout.head_dim, "q_per_kv": layout.q_per_kv,
+            "hidden_size": layout.hidden_size, "kv_per_layer": [x.n_kv for x in layout.layers],
+            "mlp_per_layer": [x.n_mlp for x in layout.layers]}
+
+
+def finish_plan(layout: ModelLayout, kv_keep: list[list[int]], mlp_keep: list[list[int]], budget: Budget,
+                removed: int, pruned: list[int], *, layout_kind: str, min_mlp: int = 1,
+                round_mlp_to: int | None = None, provenance: dict | None = None) -> PrunePlan:
+    """A PrunePlan for ``layout`` keeping the given indices, with the budget's provenance."""
     after = layout.params_with([len(g) for g in kv_keep], [len(c) for c in mlp_keep])
     prov = dict(provenance or {})
     prov.update({"params_before": layout.total_params, "params_after": after,
@@ -263,7 +282,8 @@ def make_plan(layout: ModelLayout, scores: list[dict], budget: Budget, *, layout
                  "budget": {"pruning_ratio": budget.ratio, "target_params": budget.target_params},
                  "protected_layers": sorted(set(range(layout.num_layers)) - set(pruned)),
                  "min_mlp": min_mlp, "round_mlp_to": round_mlp_to})
-    return PrunePlan(layout=layout_kind, kv_groups=kv_keep, mlp_channels=mlp_keep, source_shape=shape, provenance=prov)
+    return PrunePlan(layout=layout_kind, kv_groups=[sorted(g) for g in kv_keep],
+                     mlp_channels=[sorted(c) for c in mlp_keep], source_shape=source_shape(layout), provenance=prov)
 
 
 def _top(score: torch.Tensor, keep: int) -> list[int]:
@@ -272,7 +292,7 @@ def _top(score: torch.Tensor, keep: int) -> list[int]:
     return sorted(order[:keep].tolist())
 
 
-def _per_layer_counts(layout, scores, removed, pruned, min_mlp, round_mlp_to):
+def _per_layer_counts(layout, scores, removed, pruned, min_mlp, round_mlp_to, weights=None):
     """Global totals split like the uniform case, then assigned by per-layer-normalised scores."""
     A, M = layout.group_params, layout.channel_params
     n_kv_all = sum(layout.layers[i].n_kv for i in pruned)
@@ -290,8 +310,8 @@ def _per_layer_counts(layout, scores, removed, pruned, min_mlp, round_mlp_to):
     if best is None:
         raise GQAPruneError(_too_much(layout, removed, len(pruned), min_mlp))
     _, k_tot, m_tot = best
-    kv_rm = _assign_global(scores, "kv", pruned, k_tot, {i: 1 for i in pruned})
-    mlp_rm = _assign_global(scores, "mlp", pruned, m_tot, {i: max(min_mlp, 1) for i in pruned})
+    kv_rm = _assign_global(scores, "kv", pruned, k_tot, {i: 1 for i in pruned}, weights)
+    mlp_rm = _assign_global(scores, "mlp", pruned, m_tot, {i: max(min_mlp, 1) for i in pruned}, weights)
     if round_mlp_to and round_mlp_to > 1:
         for i in pruned:
             n = layout.layers[i].n_mlp
@@ -301,12 +321,12 @@ def _per_layer_counts(layout, scores, removed, pruned, min_mlp, round_mlp_to):
     return kv_rm, mlp_rm
 
 
-def _assign_global(scores, kind, pruned, total, floor):
-    """Remove ``total`` units of ``kind`` with the lowest per-layer-normalised scores, keeping ``floor``."""
+def _assign_global(scores, kind, pruned, total, floor, weights=None):
+    """Remove ``total`` units of ``kind`` with the lowest per-layer-normalised (and weighted) scores, keeping ``floor``."""
     cands = []
     for i in pruned:
         s = scores[i][kind].double()
-        norm = s / s.mean().clamp_min(1e-30)
+        norm = s / s.mean().clamp_min(1e-30) * (weights[i] if weights else 1.0)
         order = torch.argsort(norm, stable=True)
         # the layer's best `floor` units are never candidates
         for j in order[: len(order) - floor[i]].tolist():

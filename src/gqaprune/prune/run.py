@@ -12,8 +12,10 @@ import torch
 from gqaprune import __version__
 from gqaprune.errors import GQAPruneError
 from gqaprune.options import opt
+from gqaprune.prune.compensate import TARGETS as COMPENSATE_TARGETS
 from gqaprune.prune.importance import CRITERIA
-from gqaprune.prune.plan import LAYOUTS, Budget, PrunePlan, check_budget, make_plan
+from gqaprune.prune.plan import LAYOUTS, Budget, PrunePlan, check_budget, finish_plan, make_plan
+from gqaprune.prune.sensitivity import ALLOCATIONS
 from gqaprune.prune.structure import count_params, model_layout
 
 log = logging.getLogger(__name__)
@@ -51,6 +53,21 @@ class PruneOptions:
     overwrite: bool = opt(False, "replace the output folder if it exists")
     no_hooks: bool = opt(False, "score from .grad after each backward instead of per-parameter hooks "
                          "(more memory; same scores)")
+    compensate: bool = opt(False, "refit the o_proj/down_proj columns of kept units by least squares so each "
+                           "pruned layer's output matches the unpruned layer's on the calibration tokens")
+    compensate_target: str = opt("layer", "what the refit matches: layer = the unpruned sublayer on the pruned "
+                                 "model's inputs; dense = the dense model's own residual stream",
+                                 choices=COMPENSATE_TARGETS)
+    compensate_ridge: float = opt(1e-2, "ridge of the refit, relative to the mean diagonal of X^T X")
+    compensate_holdout: float = opt(0.125, "fraction of calibration samples kept out of the refit to check it; a "
+                                    "refit that raises their error is rejected")
+    steps: int = opt(1, "iterative pruning: remove the budget in K equal steps, re-scoring (and compensating) "
+                     "between steps")
+    allocation: str = opt("scores", "per-layer layout: scores = per-layer-normalised scores; sensitivity = also "
+                          "weight each layer by its measured calibration-loss rise when pruned alone",
+                          choices=ALLOCATIONS)
+    sensitivity_samples: int = opt(8, "calibration samples used to measure layer sensitivity "
+                                   "(--allocation sensitivity)")
 
 
 @dataclass
@@ -66,6 +83,7 @@ class PruneResult:
     peak_rss_mb: float = 0.0
     peak_gpu_mb: float | None = None
     chart: str | None = None
+    notes: list[str] = field(default_factory=list)  # one line each: compensation, sensitivity, steps
 
     @property
     def reduction(self) -> float:
@@ -98,21 +116,145 @@ def _ppl_all(model, tok, names, opts) -> list[dict]:
             for n in names]
 
 
+def check_options(opts: PruneOptions) -> None:
+    """Reject inconsistent options before anything is loaded."""
+    if opts.steps < 1:
+        raise GQAPruneError(f"--steps {opts.steps}: must be at least 1")
+    if opts.allocation not in ALLOCATIONS:
+        raise GQAPruneError(f"--allocation {opts.allocation}: choose one of {', '.join(ALLOCATIONS)}")
+    if opts.allocation == "sensitivity" and opts.layout != "per-layer" and opts.plan is None:
+        raise GQAPruneError("--allocation sensitivity sets per-layer budgets: use it with --layout per-layer")
+    if opts.sensitivity_samples < 1:
+        raise GQAPruneError(f"--sensitivity-samples {opts.sensitivity_samples}: must be at least 1")
+    if opts.compensate_target not in COMPENSATE_TARGETS:
+        raise GQAPruneError(f"--compensate-target {opts.compensate_target}: choose one of "
+                            f"{', '.join(COMPENSATE_TARGETS)}")
+    if opts.compensate_ridge < 0:
+        raise GQAPruneError(f"--compensate-ridge {opts.compensate_ridge}: must be >= 0")
+    if not 0 <= opts.compensate_holdout < 1:
+        raise GQAPruneError(f"--compensate-holdout {opts.compensate_holdout}: must be in [0, 1)")
+    if opts.plan is not None and (opts.steps > 1 or opts.allocation != "scores"):
+        raise GQAPruneError("--plan replays a saved plan: --steps and --allocation only apply when scoring")
+
+
+def needs_calibration(opts: PruneOptions) -> bool:
+    if opts.plan is not None:
+        return opts.compensate
+    return opts.criterion not in ("magnitude", "random") or opts.compensate or opts.allocation == "sensitivity"
+
+
+def _compensate(model, plan, ids, opts, progress):
+    from gqaprune.prune.compensate import compensate
+
+    return compensate(model, plan, ids, target=opts.compensate_target, ridge=opts.compensate_ridge,
+                      holdout=opts.compensate_holdout, batch_size=opts.calib_batch_size, progress=progress)
+
+
+def prune_model(model, opts: PruneOptions, ids: torch.Tensor | None, *, scores: list[dict] | None = None,
+                sensitivity: dict | None = None, provenance: dict | None = None, progress: bool = True):
+    """Score, plan and cut ``model`` (in place; returns (pruned model, plan)).
+
+    ``scores`` / ``sensitivity``: precomputed for ``model`` (to reuse across runs); computed when None.
+    With ``opts.steps = K > 1`` the budget is removed in K equal steps, re-scoring the partly
+    pruned model each time; every step's indices are mapped back through the earlier steps,
+    so the returned plan refers to the ORIGINAL model's units and replays on it (its weights,
+    with --compensate, were refit step by step; replaying with --compensate refits once).
+    """
+    from gqaprune.prune.calibrate import score_units
+    from gqaprune.prune.surgery import apply_plan
+
+    check_options(opts)
+    layout0 = model_layout(model)
+    budget = Budget(opts.pruning_ratio, opts.target_params)
+    removed, pruned_layers = check_budget(layout0, budget, opts.keep_first, opts.keep_last, opts.min_mlp)
+    if (opts.compensate or opts.allocation == "sensitivity" or opts.criterion not in ("magnitude", "random")) \
+            and ids is None:
+        raise GQAPruneError("internal: calibration ids are needed for these options")
+    prov = dict(provenance or {})
+    prov.update({"steps": opts.steps, "allocation": opts.allocation if opts.layout == "per-layer" else None})
+    weights = None
+    if opts.allocation == "sensitivity":
+        from gqaprune.prune.sensitivity import layer_sensitivity
+
+        if sensitivity is None:
+            sc0 = scores if scores is not None else score_units(
+                model, layout0, opts.criterion, ids, seed=opts.seed, batch_size=opts.calib_batch_size,
+                use_hooks=not opts.no_hooks, progress=progress)
+            scores = sc0
+            sensitivity = layer_sensitivity(model, layout0, sc0, ids[: opts.sensitivity_samples], removed,
+                                            pruned_layers, min_mlp=opts.min_mlp, round_mlp_to=opts.round_mlp_to,
+                                            batch_size=opts.calib_batch_size, progress=progress)
+        weights = {x["layer"]: x["weight"] for x in sensitivity["layers"]}
+        prov["sensitivity"] = sensitivity
+    comp_reports, step_log = [], []
+    kv_orig = [list(range(s.n_kv)) for s in layout0.layers]     # current unit j of layer i = original kv_orig[i][j]
+    mlp_orig = [list(range(s.n_mlp)) for s in layout0.layers]
+    cur = model
+    for k in range(1, opts.steps + 1):
+        lay = model_layout(cur)
+        keep_k = layout0.total_params - round(removed * k / opts.steps)   # cumulative, in original terms
+        if opts.steps > 1 and lay.total_params - keep_k < min(lay.group_params, lay.channel_params):
+            step_log.append({"step": k, "skipped": "nothing left to remove at this step's share"})
+            continue
+        sc = scores if (k == 1 and scores is not None) else score_units(
+            cur, lay, opts.criterion, ids, seed=opts.seed + k - 1, batch_size=opts.calib_batch_size,
+            use_hooks=not opts.no_hooks, progress=progress)
+        step_budget = budget if opts.steps == 1 else Budget(target_params=keep_k)
+        plan_k = make_plan(lay, sc, step_budget, layout_kind=opts.layout, keep_first=opts.keep_first,
+                           keep_last=opts.keep_last, min_mlp=opts.min_mlp, round_mlp_to=opts.round_mlp_to,
+                           provenance=prov, layer_weights=weights)
+        if opts.compensate:
+            rep = _compensate(cur, plan_k, ids, opts, progress)
+            rep["step"] = k
+            comp_reports.append(rep)
+        cur = apply_plan(cur, plan_k)
+        kv_orig = [[o[j] for j in keep] for o, keep in zip(kv_orig, plan_k.kv_groups)]
+        mlp_orig = [[o[j] for j in keep] for o, keep in zip(mlp_orig, plan_k.mlp_channels)]
+        step_log.append({"step": k, "params_after": plan_k.provenance["params_after"],
+                         "kv_per_layer": plan_k.kept_kv, "mlp_per_layer": plan_k.kept_mlp})
+        log.info("step %d/%d: %d parameters", k, opts.steps, plan_k.provenance["params_after"])
+    if opts.steps > 1:
+        prov["step_log"] = step_log
+    if comp_reports:
+        prov["compensation"] = comp_reports
+    plan = finish_plan(layout0, kv_orig, mlp_orig, budget, removed, pruned_layers, layout_kind=opts.layout,
+                       min_mlp=opts.min_mlp, round_mlp_to=opts.round_mlp_to, provenance=prov)
+    return cur, plan
+
+
+def notes_for(plan: PrunePlan) -> list[str]:
+    """One line each for what the plain summary does not show: compensation, sensitivity, steps."""
+    from gqaprune.prune import compensate, sensitivity
+
+    prov, out = plan.provenance, []
+    if prov.get("steps", 1) > 1:
+        sizes = [f"{x['params_after']:,}" for x in prov.get("step_log", []) if "params_after" in x]
+        out.append(f"iterative: {prov['steps']} steps, re-scored between steps; parameters after each: "
+                   + " -> ".join(sizes))
+    if prov.get("sensitivity"):
+        out.append(sensitivity.summary_line(prov["sensitivity"]))
+    for rep in prov.get("compensation", []):
+        step = f"step {rep['step']}: " if prov.get("steps", 1) > 1 else ""
+        out.append(step + compensate.summary_line(rep))
+    return out
+
+
 def prune(opts: PruneOptions) -> PruneResult:
     """Prune ``opts.model`` to the budget and save a loadable checkpoint with its plan."""
     from gqaprune.model_io import load_model, save_checkpoint
-    from gqaprune.prune.calibrate import calibration_batch, score_units
+    from gqaprune.prune.calibrate import calibration_batch
     from gqaprune.prune.surgery import apply_plan
     from gqaprune.report import kept_units_png
 
     t0 = time.perf_counter()
     if opts.output and Path(opts.output).exists() and not opts.overwrite:
         raise GQAPruneError(f"--output {opts.output}: the folder exists; choose another folder or pass --overwrite")
+    check_options(opts)
     if opts.plan is None:
         Budget(opts.pruning_ratio, opts.target_params).removed(10**12 if opts.target_params is None
                                                               else opts.target_params + 1)  # validate early
-        if opts.seq_len < 2:
-            raise GQAPruneError(f"--seq-len {opts.seq_len}: must be at least 2 tokens")
+    if needs_calibration(opts) and opts.seq_len < 2:
+        raise GQAPruneError(f"--seq-len {opts.seq_len}: must be at least 2 tokens")
     plan = PrunePlan.load(opts.plan) if opts.plan else None
     if torch.cuda.is_available():
         torch.cuda.reset_peak_memory_stats()
@@ -121,28 +263,28 @@ def prune(opts: PruneOptions) -> PruneResult:
     layout = model_layout(model)
     ppl_before = _ppl_all(model, tok, opts.eval_ppl, opts)
 
-    calib_desc = None
+    calib_desc, ids = None, None
     if plan is None:
         check_budget(layout, Budget(opts.pruning_ratio, opts.target_params), opts.keep_first, opts.keep_last,
                      opts.min_mlp)
-        needs_data = opts.criterion not in ("magnitude", "random")
-        ids = None
-        if needs_data:
-            ids, calib_desc = calibration_batch(tok, opts.calibration, opts.num_samples, opts.seq_len, opts.seed)
-        scores = score_units(model, layout, opts.criterion, ids, seed=opts.seed, batch_size=opts.calib_batch_size,
-                             use_hooks=not opts.no_hooks)
+    else:
+        plan.check_matches(layout, f"--model {opts.model}")
+    if needs_calibration(opts):
+        ids, calib_desc = calibration_batch(tok, opts.calibration, opts.num_samples, opts.seq_len, opts.seed)
+    params_before = count_params(model)
+    if plan is None:
         prov = {"source_model": opts.model, "criterion": opts.criterion, "calibration": calib_desc,
                 "calibration_tokens": None if ids is None else int(ids.numel()), "seed": opts.seed,
                 "gqaprune_version": __version__}
-        plan = make_plan(layout, scores, Budget(opts.pruning_ratio, opts.target_params), layout_kind=opts.layout,
-                         keep_first=opts.keep_first, keep_last=opts.keep_last, min_mlp=opts.min_mlp,
-                         round_mlp_to=opts.round_mlp_to, provenance=prov)
+        pruned, plan = prune_model(model, opts, ids, provenance=prov)
     else:
-        plan.check_matches(layout, f"--model {opts.model}")
         plan.provenance.setdefault("applied_from", opts.plan)
-
-    params_before = count_params(model)
-    pruned = apply_plan(model, plan)
+        if opts.compensate:
+            rep = _compensate(model, plan, ids, opts, progress=True)
+            rep["step"] = 1
+            plan.provenance["compensation"] = [rep]
+            plan.provenance["compensation_calibration"] = calib_desc
+        pruned = apply_plan(model, plan)
     del model
     params_after = count_params(pruned)
     if params_after != plan.provenance.get("params_after", params_after):
@@ -154,6 +296,7 @@ def prune(opts: PruneOptions) -> PruneResult:
         layers=layer_table(pruned), ppl_before=ppl_before, ppl_after=ppl_after, wall_s=wall,
         peak_rss_mb=peak_rss_mb(),
         peak_gpu_mb=torch.cuda.max_memory_allocated() / 2**20 if torch.cuda.is_available() else None,
+        notes=notes_for(plan),
     )
     plan.provenance.update({"ppl_before": ppl_before, "ppl_after": ppl_after, "wall_s": round(wall, 2),
                             "peak_rss_mb": round(res.peak_rss_mb, 1), "peak_gpu_mb": res.peak_gpu_mb})
