@@ -241,7 +241,7 @@ def test_guide_command_line_runs_with_paths_changed(tmp_path, data_env, monkeypa
         --lora_r 8 --lora_alpha 16 \\
         --lora_target_modules q_proj,k_proj,v_proj,o_proj,gate_proj,down_proj,up_proj \\
         --extra_val_dataset wikitext2 --cache_dataset"""
-    budget = "--max_steps 1 --max_train_samples 128 --val_set_size 8 --extra_val_max_tokens 2048 --cutoff_len 128"
+    budget = "--max_steps 1 --max_train_samples 48 --val_set_size 8 --extra_val_max_tokens 2048 --cutoff_len 128"
     argv = shlex.split(cmd.replace("\\\n", " ")) + budget.split()
     assert script.main(argv) == 0
     summary = json.loads((out / "finetune_summary.json").read_text())

@@ -122,6 +122,7 @@ class FinetuneResult:
     world_size: int
     grad_accum: int
     precision: str
+    gradient_checkpointing: bool
     train_examples: int
     val_examples: int
     train_tokens: int                # non-pad tokens fed forward by all processes in this invocation
@@ -141,7 +142,8 @@ class FinetuneResult:
         """A one-screen summary for the CLI."""
         out = [
             f"LoRA fine-tuning {self.status}: {self.global_step} optimizer steps ({self.epoch:.2f} epochs), "
-            f"{self.world_size} process(es), grad accumulation {self.grad_accum}, {self.precision}",
+            f"{self.world_size} process(es), grad accumulation {self.grad_accum}, {self.precision}, gradient "
+            f"checkpointing {'on' if self.gradient_checkpointing else 'off'}",
             f"  data: {self.train_examples:,} train / {self.val_examples:,} val examples; tokenised cache: "
             f"{self.dataset_cache}" + (f"; resumed from {self.resumed_from}" if self.resumed_from else ""),
             f"  throughput: {self.train_tokens:,} non-pad tokens in {self.train_seconds:.1f} s = "
@@ -1157,6 +1159,7 @@ def finetune(opts: FinetuneOptions, *, callbacks: list | None = None) -> Finetun
     result = FinetuneResult(
         output_dir=str(out), adapter_dir=str(out), status=status, global_step=int(trainer.state.global_step),
         epoch=float(trainer.state.epoch or 0.0), world_size=world_size, grad_accum=accum, precision=precision,
+        gradient_checkpointing=bool(gc),
         train_examples=len(train_ds), val_examples=len(val_ds) if val_ds is not None else 0,
         train_tokens=tokens_seen, train_seconds=round(float(run_seconds), 3),
         tokens_per_second=round(tokens_seen / max(float(run_seconds), 1e-9), 1),
