@@ -116,11 +116,66 @@ def cmd_check(ns) -> int:
     return 0 if res.ok else 1
 
 
+# ---------------------------------------------------------------- finetune / merge / bench / run / report
+def cmd_finetune(ns) -> int:
+    from gqaprune.finetune import FinetuneOptions, finetune
+
+    res = finetune(options_from_args(FinetuneOptions, ns))
+    print("\n".join(res.lines()))
+    return 0
+
+
+def cmd_merge(ns) -> int:
+    from gqaprune.merge import MergeOptions, merge_and_save_lora
+
+    o = options_from_args(MergeOptions, ns)
+    res = merge_and_save_lora(o.pruned_model, o.lora_dir, o.output_dir, allow_pickle=o.allow_pickle,
+                              overwrite=o.overwrite, check_inputs=o.check_inputs, device=o.device, dtype=o.dtype)
+    print("\n".join(res.lines()))
+    return 0
+
+
+def cmd_bench(ns) -> int:
+    from gqaprune.bench import BenchOptions, bench
+
+    res = bench(options_from_args(BenchOptions, ns))
+    print(res.to_markdown())
+    return 0
+
+
+def cmd_run(ns) -> int:
+    from gqaprune.pipeline import RunOptions, run_pipeline
+
+    con = _console()
+    res = run_pipeline(options_from_args(RunOptions, ns), on_step=lambda s: con.rule(f"step: {s}"))
+    con.rule("done")
+    for s in res.steps:
+        con.print(f"{s['step']:>8}: {s['status']} ({s['seconds']} s) -> {s['folder']}")
+    con.print(f"report: {res.report}")
+    return 0
+
+
+def cmd_report(ns) -> int:
+    from gqaprune.report import write_run_report
+
+    path = write_run_report(ns.run_dir)
+    print(path.read_text())
+    print(f"wrote {path}")
+    return 0
+
+
 COMMANDS = {
     "prune": ("prune a model into a smaller checkpoint", "gqaprune.prune.run:PruneOptions", cmd_prune),
     "eval": ("perplexity (and zero-shot tasks) of a model", "gqaprune.evaluate.suite:EvalOptions", cmd_eval),
     "generate": ("generate text (streamed) with a model, or base + LoRA adapter; interactive without --prompt",
                  "gqaprune.generate:GenerateOptions", cmd_generate),
+    "finetune": ("LoRA recovery fine-tuning (the seed guide's post_training.py flags)",
+                 "gqaprune.finetune:FinetuneOptions", cmd_finetune),
+    "merge": ("merge a LoRA adapter into its base, check the logits, save", "gqaprune.merge:MergeOptions", cmd_merge),
+    "bench": ("prefill/decode speed and memory of models side by side, with FLOPs ratios",
+              "gqaprune.bench:BenchOptions", cmd_bench),
+    "run": ("one click: prune -> fine-tune -> merge -> evaluate -> report", "gqaprune.pipeline:RunOptions", cmd_run),
+    "report": ("write REPORT.md for a `gqaprune run` folder", None, cmd_report),
     "check": ("pre-flight checklist for a pruned checkpoint (exit 1 on failure)", "gqaprune.check:CheckOptions",
               cmd_check),
 }
@@ -143,6 +198,9 @@ def build_parser() -> argparse.ArgumentParser:
     for name, (help_text, spec, _) in COMMANDS.items():
         sp = sub.add_parser(name, help=help_text, description=help_text,
                             formatter_class=argparse.ArgumentDefaultsHelpFormatter if False else argparse.HelpFormatter)
+        if spec is None:  # report: one positional argument
+            sp.add_argument("run_dir", help="the output_root of a `gqaprune run`")
+            continue
         cls = _load(spec)
         if name == "check":
             sp.add_argument("checkpoint", help="checkpoint folder")
