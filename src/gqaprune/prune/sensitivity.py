@@ -10,11 +10,14 @@ record the rise of the calibration loss (nats per token) over the unpruned model
 The per-layer layout ranks units across layers by their score normalised per layer
 (score / layer mean, see plan.py); sensitivity multiplies layer i's normalised scores by
 
-    weight_i = delta_i / mean_j(delta_j)      (floored at 0.05: a layer never becomes free)
+    weight_i = clip(sqrt(delta_i / mean_j(delta_j)), 1/2, 2)
 
-so a layer whose pruning hurts the loss twice the average keeps its units as if they
-scored twice as high. The deltas, weights and the resulting counts go into the plan's
-provenance, so the allocation can be read and argued with.
+so a layer whose pruning hurts the loss four times the average keeps its units as if
+they scored twice as high. The square root and the bounds are deliberate: the probe
+measures one share per layer, and linear weights extrapolate that far beyond it (a layer
+that barely reacts to losing its share would be stripped to its last channel). The
+deltas, weights and the resulting counts go into the plan's provenance, so the
+allocation can be read and argued with.
 
 Cost: the hidden states entering every layer are computed once and kept (layers x
 tokens x hidden), so probing layer i reruns only layers i..L-1 and the head: about
@@ -26,6 +29,7 @@ pre-hook (exactly equivalent to slicing them away); no weight is modified.
 from __future__ import annotations
 
 import logging
+import math
 import time
 
 import torch
@@ -39,7 +43,7 @@ from gqaprune.prune.structure import ModelLayout, decoder_layers, q_rows
 log = logging.getLogger(__name__)
 
 ALLOCATIONS = ("scores", "sensitivity")
-WEIGHT_FLOOR = 0.05
+WEIGHT_BOUNDS = (0.5, 2.0)
 
 
 def _head(model):
@@ -153,7 +157,7 @@ def layer_sensitivity(model, layout: ModelLayout, scores: list[dict], ids: torch
 
 
 def sensitivity_weights(rep: dict) -> dict[int, float]:
-    """layer -> delta / mean(delta), floored at WEIGHT_FLOOR (see module doc).
+    """layer -> clip(sqrt(delta / mean(delta)), *WEIGHT_BOUNDS) (see module doc); negative deltas count as 0.
 
     (The report keeps them per layer entry, as ``weight``: JSON has no integer keys.)
     """
@@ -162,7 +166,8 @@ def sensitivity_weights(rep: dict) -> dict[int, float]:
     mean = sum(pos) / len(pos) if pos else 0.0
     if mean <= 0:  # no layer hurts: nothing to tell them apart
         return {i: 1.0 for i in deltas}
-    return {i: max(WEIGHT_FLOOR, max(v, 0.0) / mean) for i, v in deltas.items()}
+    lo, hi = WEIGHT_BOUNDS
+    return {i: min(hi, max(lo, math.sqrt(max(v, 0.0) / mean))) for i, v in deltas.items()}
 
 
 def summary_line(rep: dict) -> str:

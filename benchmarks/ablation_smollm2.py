@@ -1,0 +1,398 @@
+#!/usr/bin/env python
+"""One-shot quality ablation on SmolLM2-135M (fp32, CPU): criterion x layout x compensation x steps.
+
+Writes benchmarks/results/ablation_smollm2.md and .json: WikiText-2 test perplexity
+(128-token windows, first --eval-tokens tokens) of every configuration, with the dense
+model measured in the same run on the same tokens, as ratios to the dense model; the
+compensation's per-layer reconstruction errors (fitted and held-out tokens); and a
+robustness check: the best configuration at each ratio re-run with another calibration
+sample (another seed = another slice of Alpaca), which should land within 10%.
+
+Run from the repository root (about 1 h on 2 shared CPU cores; resumable: finished
+rows in the JSON are kept and skipped when it is started again):
+    GQAPRUNE_DATA_DIR=../shared/data python benchmarks/ablation_smollm2.py
+
+The grid is staged so the expensive parts run only where they can matter:
+  1. criterion (taylor, magnitude, activation) x compensation (off, on), uniform layout;
+  2. taylor and the best stage-1 criterion: per-layer layout, plain and with
+     sensitivity allocation, x compensation (off, on);
+  3. the best configuration so far at each ratio with --steps (re-scored between steps),
+     and with the other compensation target;
+  4. the best configuration at each ratio with calibration seed 1 (robustness).
+Efficiency: the dense model is loaded once, WikiText-2 tokenised once, each criterion
+scored once per calibration seed (scores do not depend on layout or ratio), each
+sensitivity measured once per (criterion, ratio); every row prunes a deepcopy.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import datetime as _dt
+import gc
+import json
+import os
+import platform
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+REPO = HERE.parent
+
+
+def log(msg: str) -> None:
+    print(f"[{time.strftime('%H:%M:%S')}] {msg}", flush=True)
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", default="smollm2-135m", help="model reference (default: the built-in alias)")
+    p.add_argument("--ratios", default="0.2,0.5", help="fractions of total parameters to remove")
+    p.add_argument("--criteria", default="taylor,magnitude,activation", help="stage-1 criteria")
+    p.add_argument("--eval-tokens", type=int, default=4096, help="score the first N WikiText-2 test tokens")
+    p.add_argument("--window", type=int, default=128, help="perplexity window (stride = window)")
+    p.add_argument("--calibration", default="alpaca", help="calibration data (gqaprune --calibration)")
+    p.add_argument("--num-samples", type=int, default=32, help="calibration samples")
+    p.add_argument("--seq-len", type=int, default=128, help="tokens per calibration sample")
+    p.add_argument("--sensitivity-samples", type=int, default=4, help="samples for --allocation sensitivity")
+    p.add_argument("--steps", type=int, default=3, help="K for the iterative rows (stage 3)")
+    p.add_argument("--stages", default="1,2,3,4", help="which stages to run")
+    p.add_argument("--batch-size", type=int, default=8, help="sequences per forward")
+    p.add_argument("--out", default=str(HERE / "results" / "ablation_smollm2"), help="output path without extension")
+    p.add_argument("--render", action="store_true", help="only re-render the Markdown from the JSON")
+    return p.parse_args(argv)
+
+
+def machine_info() -> dict:
+    import torch
+    import transformers
+
+    cpu = platform.processor() or ""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    try:
+        rev = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True, text=True,
+                             check=True).stdout.strip()
+    except Exception:  # noqa: BLE001
+        rev = None
+    return {"cpu": cpu, "cores_visible": os.cpu_count(), "torch_threads": torch.get_num_threads(),
+            "python": platform.python_version(), "torch": torch.__version__, "transformers": transformers.__version__,
+            "git": rev, "loadavg_start": [round(x, 2) for x in os.getloadavg()]}
+
+
+def key_of(c: dict) -> str:
+    return "|".join(f"{k}={c[k]}" for k in sorted(c))
+
+
+class Ablation:
+    def __init__(self, args):
+        self.args = args
+        self.path = Path(args.out).with_suffix(".json")
+        self.data = json.loads(self.path.read_text()) if self.path.is_file() else {"rows": []}
+        self.done = {r["key"]: r for r in self.data["rows"]}
+        self.scores: dict = {}
+        self.sens: dict = {}
+        self.ids: dict = {}
+
+    def save(self) -> None:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = self.path.with_suffix(".json.tmp")
+        tmp.write_text(json.dumps(self.data, indent=1, default=str))
+        tmp.replace(self.path)
+
+    # ------------------------------------------------------------------ setup
+    def setup(self):
+        import torch
+
+        from gqaprune.data import load_text_corpus
+        from gqaprune.evaluate.perplexity import perplexity_of_ids, tokenize_corpus
+        from gqaprune.model_io import load_model
+
+        a = self.args
+        t = time.perf_counter()
+        self.model, self.tok = load_model(a.model, dtype="fp32", device="cpu")
+        log(f"loaded {a.model} in {time.perf_counter() - t:.0f} s")
+        corpus = load_text_corpus("wikitext2", "test")
+        self.eval_ids = tokenize_corpus(self.tok, corpus.text)[: a.eval_tokens]
+        self.corpus = corpus
+        meta = self.data.get("meta") or {}
+        meta.update({"date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+                     "command": "python " + " ".join([os.path.relpath(sys.argv[0], REPO)] + sys.argv[1:]),
+                     "machine": machine_info(), "model": a.model,
+                     "eval": {"dataset": corpus.dataset, "split": corpus.split, "source": corpus.source,
+                              "window": a.window, "stride": a.window, "first_tokens": a.eval_tokens},
+                     "calibration": {"source": a.calibration, "samples": a.num_samples, "seq_len": a.seq_len},
+                     "sensitivity_samples": a.sensitivity_samples})
+        self.data["meta"] = meta
+        if not self.data.get("dense"):
+            t = time.perf_counter()
+            nll, n = perplexity_of_ids(self.model, self.eval_ids, seq_len=a.window, batch_size=a.batch_size,
+                                       progress=False)
+            self.data["dense"] = {"ppl": float(torch.tensor(nll).exp()), "nll": nll, "n_tokens": n,
+                                  "params": sum(p.numel() for p in self.model.parameters()),
+                                  "seconds": round(time.perf_counter() - t, 1)}
+            self.save()
+        log(f"dense PPL {self.data['dense']['ppl']:.2f} on {self.data['dense']['n_tokens']} tokens")
+
+    def calib(self, seed: int):
+        from gqaprune.prune.calibrate import calibration_batch
+
+        if seed not in self.ids:
+            self.ids[seed] = calibration_batch(self.tok, self.args.calibration, self.args.num_samples,
+                                               self.args.seq_len, seed)
+        return self.ids[seed]
+
+    def get_scores(self, criterion: str, seed: int):
+        from gqaprune.prune.calibrate import score_units
+        from gqaprune.prune.structure import model_layout
+
+        k = (criterion, seed)
+        if k not in self.scores:
+            ids, _ = self.calib(seed)
+            t = time.perf_counter()
+            self.scores[k] = score_units(self.model, model_layout(self.model), criterion, ids, seed=seed,
+                                         batch_size=self.args.batch_size, progress=False)
+            sec = round(time.perf_counter() - t, 1)
+            self.data.setdefault("scoring_seconds", {})[f"{criterion}/seed{seed}"] = sec
+            log(f"scored {criterion} (seed {seed}) in {sec} s")
+        return self.scores[k]
+
+    # ------------------------------------------------------------------ one row
+    def run(self, stage: int, ratio: float, criterion: str, layout: str = "uniform", allocation: str = "scores",
+            compensate: bool = False, steps: int = 1, target: str = "layer", seed: int = 0) -> dict:
+        import torch
+
+        from gqaprune.evaluate.perplexity import perplexity_of_ids
+        from gqaprune.prune.run import PruneOptions, prune_model
+
+        cfg = {"ratio": ratio, "criterion": criterion, "layout": layout, "allocation": allocation,
+               "compensate": compensate, "steps": steps, "target": target if compensate else None, "seed": seed}
+        key = key_of(cfg)
+        if key in self.done:
+            return self.done[key]
+        a = self.args
+        ids, calib_desc = self.calib(seed)
+        scores = self.get_scores(criterion, seed)
+        opts = PruneOptions(pruning_ratio=ratio, criterion=criterion, layout=layout, allocation=allocation,
+                            compensate=compensate, compensate_target=target, steps=steps, seed=seed,
+                            calib_batch_size=a.batch_size, num_samples=a.num_samples, seq_len=a.seq_len,
+                            sensitivity_samples=a.sensitivity_samples)
+        t = time.perf_counter()
+        sens = self.sens.get((criterion, ratio, seed))
+        pruned, plan = prune_model(copy.deepcopy(self.model), opts, ids, scores=scores, sensitivity=sens,
+                                   progress=False)
+        prune_s = time.perf_counter() - t
+        if allocation == "sensitivity":
+            self.sens[(criterion, ratio, seed)] = plan.provenance["sensitivity"]
+        t = time.perf_counter()
+        nll, n = perplexity_of_ids(pruned, self.eval_ids, seq_len=a.window, batch_size=a.batch_size, progress=False)
+        ppl = float(torch.tensor(nll).exp())
+        prov = plan.provenance
+        row = {"key": key, "stage": stage, **cfg, "ppl": ppl, "nll": nll, "n_tokens": n,
+               "x_dense": ppl / self.data["dense"]["ppl"], "params_after": prov["params_after"],
+               "reduction": prov["reduction"], "kv_per_layer": plan.kept_kv, "mlp_per_layer": plan.kept_mlp,
+               "prune_s": round(prune_s, 1), "eval_s": round(time.perf_counter() - t, 1), "calibration": calib_desc}
+        if prov.get("compensation"):
+            last = prov["compensation"][-1]
+            row["compensation"] = {"summary": last["summary"], "tokens_fit": last["tokens_fit"],
+                                   "tokens_heldout": last["tokens_heldout"], "layers": last["layers"],
+                                   "seconds": [c["seconds"] for c in prov["compensation"]]}
+        if prov.get("sensitivity"):
+            row["sensitivity"] = {x["layer"]: round(x["weight"], 3) for x in prov["sensitivity"]["layers"]}
+            row["sensitivity_seconds"] = prov["sensitivity"]["seconds"]
+        if prov.get("step_log"):
+            row["step_log"] = [{k: v for k, v in s.items() if k in ("step", "params_after", "skipped")}
+                               for s in prov["step_log"]]
+        del pruned
+        gc.collect()
+        self.data["rows"].append(row)
+        self.done[key] = row
+        self.save()
+        render(self.data, Path(self.args.out).with_suffix(".md"))
+        log(f"stage {stage} {key}: PPL {ppl:.2f} ({row['x_dense']:.2f}x dense), -{row['reduction']:.1%}, "
+            f"prune {prune_s:.0f} s")
+        return row
+
+    def best(self, ratio: float, seed: int = 0, **match) -> dict:
+        rows = [r for r in self.data["rows"] if r["ratio"] == ratio and r["seed"] == seed
+                and all(r.get(k) == v for k, v in match.items())]
+        return min(rows, key=lambda r: r["ppl"])
+
+
+def config_of(r: dict) -> dict:
+    return {k: r[k] for k in ("criterion", "layout", "allocation", "compensate", "steps")} | \
+        {"target": r["target"] or "layer"}
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    out = Path(args.out)
+    if args.render:
+        render(json.loads(out.with_suffix(".json").read_text()), out.with_suffix(".md"))
+        return 0
+    import torch
+
+    torch.manual_seed(0)
+    ab = Ablation(args)
+    ab.setup()
+    ratios = [float(x) for x in args.ratios.split(",")]
+    criteria = [c for c in args.criteria.split(",") if c]
+    stages = {int(s) for s in args.stages.split(",")}
+    t0 = time.perf_counter()
+    if 1 in stages:
+        for ratio in ratios:
+            for crit in criteria:
+                for comp in (False, True):
+                    ab.run(1, ratio, crit, compensate=comp)
+    if 2 in stages:
+        for ratio in ratios:
+            crits = ["taylor"]
+            b1 = ab.best(ratio, stage=1)["criterion"]
+            crits += [b1] if b1 not in crits else []
+            for crit in crits:
+                for alloc in ("scores", "sensitivity"):
+                    for comp in (False, True):
+                        ab.run(2, ratio, crit, layout="per-layer", allocation=alloc, compensate=comp)
+    if 3 in stages:
+        for ratio in ratios:
+            b = config_of(ab.best(ratio))
+            other = "dense" if b["target"] == "layer" else "layer"
+            if b["compensate"]:
+                ab.run(3, ratio, **(b | {"target": other}))
+            if args.steps > 1 and b["steps"] == 1:
+                ab.run(3, ratio, **(b | {"steps": args.steps}))
+    if 4 in stages:
+        for ratio in ratios:
+            b = config_of(ab.best(ratio))
+            ab.run(4, ratio, **b, seed=1)
+    ab.data["meta"]["wall_s_this_invocation"] = round(time.perf_counter() - t0, 1)
+    ab.data["meta"]["loadavg_end"] = [round(x, 2) for x in os.getloadavg()]
+    ab.save()
+    render(ab.data, out.with_suffix(".md"))
+    log(f"wrote {out.with_suffix('.md')}")
+    return 0
+
+
+# ---------------------------------------------------------------------- Markdown
+def _f(x, nd=2):
+    return "" if x is None else f"{x:.{nd}f}"
+
+
+def _comp_cell(r: dict) -> str:
+    c = r.get("compensation")
+    if not c:
+        return ""
+    s = c["summary"]
+    parts = []
+    for kind, name in (("attn", "o"), ("mlp", "down")):
+        k = s[kind]
+        if k["sublayers"]:
+            parts.append(f"{name} {_f(k['err_before'])}→{_f(k['err_after'])} "
+                         f"(held-out {_f(k['heldout_before'])}→{_f(k['heldout_after'])})")
+    return "; ".join(parts)
+
+
+def render(data: dict, path: Path) -> None:
+    meta, dense, rows = data.get("meta", {}), data.get("dense") or {}, data.get("rows", [])
+    m, ev, cal = meta.get("machine", {}), meta.get("eval", {}), meta.get("calibration", {})
+    L = []
+    L.append("# One-shot pruning ablation: SmolLM2-135M (criterion × layout × compensation × steps)\n")
+    L.append(f"- date: {meta.get('date')}; command: `{meta.get('command')}` (git {m.get('git')})")
+    L.append(f"- machine: {m.get('cpu')}, {m.get('cores_visible')} cores visible (shared with other jobs; load "
+             f"average {m.get('loadavg_start')} at start), torch {m.get('torch')}, transformers "
+             f"{m.get('transformers')}, fp32 on CPU")
+    L.append(f"- model: `{meta.get('model')}` (SmolLM2-135M-Instruct GGUF Q4_1, de-quantised to fp32), "
+             f"{dense.get('params', 0):,} parameters")
+    L.append(f"- evaluation: {ev.get('dataset')} {ev.get('split')} ({ev.get('source')}), window {ev.get('window')}, "
+             f"stride {ev.get('stride')}, first {ev.get('first_tokens', 0):,} tokens "
+             f"({dense.get('n_tokens', 0):,} tokens scored); never used for calibration or fitting")
+    L.append(f"- calibration: {cal.get('source')}, {cal.get('samples')} samples × {cal.get('seq_len')} tokens "
+             f"= {(cal.get('samples') or 0) * (cal.get('seq_len') or 0):,} tokens (seed 0; seed 1 = another shuffle "
+             "of Alpaca for the robustness rows). The same tokens are used for scoring and for the compensation "
+             "refit, which holds out the last 12.5% of the samples to check itself")
+    L.append(f"- sensitivity allocation: {meta.get('sensitivity_samples')} calibration samples per probe")
+    L.append(f"- **dense PPL {_f(dense.get('ppl'))}** (same run, same tokens)\n")
+    L.append("Columns: *ratio* = target fraction of total parameters removed (tied embeddings counted once); "
+             "*removed* = achieved; *comp* = `--compensate` (target `layer` unless stated); *refit error* = mean "
+             "relative reconstruction error ||Y − Ŷ||/||Y|| of the pruned o_proj / down_proj outputs before → after "
+             "the refit, on fitted tokens and on held-out calibration tokens.\n")
+    L.append("| stage | ratio | criterion | layout | comp | steps | seed | removed | PPL | × dense | refit error "
+             "(mean over layers) | prune s |")
+    L.append("|---|---|---|---|---|---|---|---|---|---|---|---|")
+    for r in sorted(rows, key=lambda r: (r["ratio"], r["stage"], r["ppl"])):
+        lay = r["layout"] + (" + sensitivity" if r["allocation"] == "sensitivity" else "")
+        comp = ("yes" + (f" ({r['target']})" if r.get("target") not in (None, "layer") else "")) if r["compensate"] \
+            else "no"
+        L.append(f"| {r['stage']} | {r['ratio']:.0%} | {r['criterion']} | {lay} | {comp} | {r['steps']} | {r['seed']} "
+                 f"| {r['reduction']:.2%} | {r['ppl']:.2f} | {r['x_dense']:.2f} | {_comp_cell(r)} | {r['prune_s']:.0f} |")
+    L.append("")
+    if rows and dense:
+        L.append("## Goals (issue 4, section 1)\n")
+        for ratio, goal in ((0.2, 2.0), (0.5, 10.0)):
+            rs = [r for r in rows if r["ratio"] == ratio and r["seed"] == 0]
+            if not rs:
+                continue
+            b = min(rs, key=lambda r: r["ppl"])
+            verdict = "met" if b["x_dense"] <= goal else f"NOT met (missed by {b['x_dense'] / goal:.2f}x)"
+            L.append(f"- ~{ratio:.0%}: best {b['criterion']} / {b['layout']}"
+                     f"{' + sensitivity' if b['allocation'] == 'sensitivity' else ''} / "
+                     f"{'compensated' if b['compensate'] else 'no compensation'} / {b['steps']} step(s): PPL "
+                     f"{b['ppl']:.2f} = {b['x_dense']:.2f}x dense (goal <= {goal:g}x): **{verdict}**")
+            rob = [r for r in rows if r["ratio"] == ratio and r["seed"] == 1 and config_of(r) == config_of(b)]
+            if rob:
+                d = rob[0]["ppl"] / b["ppl"] - 1
+                L.append(f"  - robustness, calibration seed 1 (another Alpaca slice): PPL {rob[0]['ppl']:.2f} "
+                         f"({d:+.1%} vs seed 0): {'within' if abs(d) <= 0.10 else 'NOT within'} 10%")
+        L.append("")
+    comp_rows = [r for r in rows if r.get("compensation")]
+    if comp_rows:
+        b = min(comp_rows, key=lambda r: r["ppl"])
+        c = b["compensation"]
+        L.append(f"## Per-layer reconstruction error of the best compensated row ({b['ratio']:.0%}, {b['criterion']}, "
+                 f"{b['layout']}, steps {b['steps']})\n")
+        L.append(f"{c['tokens_fit']:,} tokens fitted, {c['tokens_heldout']:,} held out. Relative error "
+                 "||Y − Ŷ||/||Y||: before = kept columns with their original weights, after = refit "
+                 "(a refit the held-out tokens reject keeps the original weights, marked *kept*).\n")
+        L.append("| layer | o_proj fit before → after | o_proj held-out before → after | down_proj fit before → after "
+                 "| down_proj held-out before → after |")
+        L.append("|---|---|---|---|---|")
+        for x in c["layers"]:
+            cells = []
+            for kind in ("attn", "mlp"):
+                y = x.get(kind)
+                if not y:
+                    cells += ["–", "–"]
+                    continue
+                tag = "" if y["refit"] else " *kept*"
+                cells.append(f"{_f(y['err_before'], 3)} → {_f(y['err_after'], 3)}{tag}")
+                cells.append(f"{_f(y['heldout_before'], 3)} → {_f(y['heldout_after'], 3)}")
+            L.append(f"| {x['layer']} | " + " | ".join(cells) + " |")
+        L.append("")
+    sens_rows = [r for r in rows if r.get("sensitivity")]
+    if sens_rows:
+        L.append("## Sensitivity weights (per-layer factor on normalised scores; 1 = average layer)\n")
+        for r in sens_rows:
+            if r["compensate"]:
+                continue
+            w = " ".join(f"{i}:{v:.2f}" for i, v in r["sensitivity"].items())
+            L.append(f"- {r['ratio']:.0%} {r['criterion']}: {w}")
+            L.append(f"  - kept KV groups per layer: {r['kv_per_layer']}; MLP channels: {r['mlp_per_layer']}")
+        L.append("")
+    if data.get("scoring_seconds"):
+        L.append("Scoring time (s, once per criterion and seed, shared by rows): "
+                 + ", ".join(f"{k} {v}" for k, v in data["scoring_seconds"].items()))
+    if meta.get("wall_s_this_invocation") is not None:
+        L.append(f"\nWall time of the last invocation: {meta['wall_s_this_invocation'] / 60:.1f} min; load average "
+                 f"at its end {meta.get('loadavg_end')}.")
+    path.write_text("\n".join(L) + "\n")
+
+
+if __name__ == "__main__":
+    sys.exit(main())
