@@ -48,14 +48,15 @@ def test_sensitivity_is_the_measured_loss_rise():
                                                   .state_dict().values())), "probing must not modify weights"
 
 
-def test_weights_are_relative_deltas_with_floor():
-    rep = {"layers": [{"layer": 0, "delta": 0.3}, {"layer": 1, "delta": 0.1}, {"layer": 2, "delta": -0.2},
-                      {"layer": 3, "delta": 2.0}]}
+def test_weights_are_bounded_sqrt_of_relative_deltas():
+    rep = {"layers": [{"layer": 0, "delta": 0.4}, {"layer": 1, "delta": 0.5}, {"layer": 2, "delta": 0.3}]}
     w = sensitivity_weights(rep)
-    mean = 2.4 / 4
-    assert w[0] == pytest.approx((0.3 / mean) ** 0.5)
-    assert w[1] == 0.5 and w[2] == 0.5     # a layer that barely reacts (or whose pruning helps) is still not free
-    assert w[3] == 2.0     # nor is any layer untouchable
+    assert w[0] == pytest.approx(1.0) and w[1] == pytest.approx(1.25 ** 0.5) and w[2] == pytest.approx(0.75 ** 0.5)
+    rep = {"layers": [{"layer": 0, "delta": 0.01}, {"layer": 1, "delta": -0.2}, {"layer": 2, "delta": 0.0},
+                      {"layer": 3, "delta": 0.0}, {"layer": 4, "delta": 3.0}]}
+    w = sensitivity_weights(rep)
+    assert w[0] == 0.5 and w[1] == 0.5     # a layer that barely reacts (or whose pruning helps) is still not free
+    assert w[4] == 2.0                     # nor is any layer untouchable
 
 
 def test_sensitivity_allocation_meets_budget_and_records_provenance(tiny_model):
