@@ -254,6 +254,22 @@ def test_guide_command_line_runs_with_paths_changed(tmp_path, data_env, monkeypa
     assert script.main(argv) == 2
 
 
+def test_gradient_checkpointing_gives_the_same_losses(tmp_path, per_layer_dir, records_path):
+    """Checkpointing (default on GPU) with frozen base weights + LoRA: same losses as without it."""
+    kw = dict(max_steps=2, val_set_size=0, lora_dropout=0.0)
+    a = finetune(_opts(tmp_path, per_layer_dir, records_path, output_dir=str(tmp_path / "gc_on"),
+                       gradient_checkpointing=True, **kw))
+    b = finetune(_opts(tmp_path, per_layer_dir, records_path, output_dir=str(tmp_path / "gc_off"),
+                       gradient_checkpointing=False, **kw))
+    assert a.gradient_checkpointing and not b.gradient_checkpointing
+    la, lb = train_losses(tmp_path / "gc_on"), train_losses(tmp_path / "gc_off")
+    assert la.keys() == lb.keys() == {1, 2}
+    assert all(la[k] == pytest.approx(lb[k], rel=1e-5) for k in la)
+    wa = load_file(tmp_path / "gc_on" / "adapter_model.safetensors")
+    wb = load_file(tmp_path / "gc_off" / "adapter_model.safetensors")
+    assert all(torch.allclose(wa[k], wb[k], atol=1e-6) for k in wa)
+
+
 # ------------------------------------------------------------------------------ bad input
 
 
@@ -266,6 +282,7 @@ def test_guide_command_line_runs_with_paths_changed(tmp_path, data_env, monkeypa
     (dict(extra_val_dataset=["wikitext3"]), "--extra_val_dataset wikitext3"),
     (dict(fp16=True, bf16=True), "choose one"),
     (dict(resume_from_checkpoint="last"), "nothing to resume"),
+    (dict(fp16=True, device="cpu"), "needs a CUDA GPU"),
 ])
 def test_bad_input_is_a_clear_error(tmp_path, per_layer_dir, records_path, change, match):
     o = _opts(tmp_path, per_layer_dir, records_path, **change)

@@ -78,7 +78,7 @@ class FinetuneOptions:
     lora_r: int = opt(8, "LoRA rank")
     lora_alpha: int = opt(16, "LoRA alpha (scale = alpha / r)")
     lora_dropout: float = opt(0.05, "dropout on the LoRA input")
-    lora_target_modules: list[str] = opt(help="comma-separated Linear module names to adapt",
+    lora_target_modules: list[str] = opt(help="comma-separated Linear module names to adapt (or all-linear)",
                                          factory=lambda: list(DEFAULT_TARGET_MODULES))
     train_on_inputs: bool = opt(False, "also train on the prompt tokens (default: only the response is in the loss)")
     add_eos_token: bool = opt(False, "append the EOS token to each example")
@@ -317,9 +317,7 @@ def _check_output_dir(opts: FinetuneOptions, resume: str | None) -> str:
     if out.exists() and not out.is_dir():
         raise GQAPruneError(f"--output_dir {out}: exists and is not a folder")
     if not out.is_dir() or not any(out.iterdir()):
-        if resume is not None and Path(resume).resolve().parent != out.resolve():
-            return "fresh"  # resuming from a checkpoint elsewhere into a new folder
-        return "fresh"
+        return "fresh"  # (also: resuming from a checkpoint elsewhere into a new folder)
     man_path = out / MANIFEST
     manifest = None
     if man_path.is_file():
@@ -634,6 +632,8 @@ def linear_module_names(model) -> list[str]:
 
 
 def check_target_modules(model, targets: list[str]) -> None:
+    if list(targets) == ["all-linear"]:
+        return  # PEFT's shorthand: every Linear except the output head
     names = [n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)]
     missing = [t for t in targets if not any(n == t or n.endswith("." + t) for n in names)]
     if missing:
@@ -847,7 +847,9 @@ def _make_trainer_classes():
             from gqaprune.data import load_text_corpus
 
             self.corpora, self.opts, self.tokenizer = corpora, opts, tokenizer
-            self.ids = {k: tokenize_corpus(tokenizer, load_text_corpus(name, "test").text)
+            # c4 has no test split; the others are scored on test, as the protocol states.
+            self.splits = {k: "validation" if k == "c4" else "test" for k in corpora}
+            self.ids = {k: tokenize_corpus(tokenizer, load_text_corpus(name, self.splits[k]).text)
                         for k, name in corpora.items()}
             self.latest: dict[str, Any] = {}
             self.first: dict[str, Any] = {}
@@ -859,7 +861,7 @@ def _make_trainer_classes():
             for key, name in self.corpora.items():
                 res = perplexity(model, self.tokenizer, name, seq_len=self.opts.ppl_seq_len,
                                  max_tokens=self.opts.extra_val_max_tokens, batch_size=8, progress=False,
-                                 ids=self.ids[key])
+                                 ids=self.ids[key], split=self.splits[key])
                 out[key] = res
                 self.latest[key] = res
                 self.first.setdefault(key, res)
@@ -957,6 +959,8 @@ class _Diverged(RuntimeError):
 def _precision(opts: FinetuneOptions, device: torch.device) -> tuple[torch.dtype, str, bool, bool]:
     """(load dtype, description, Trainer bf16, Trainer fp16)."""
     if opts.fp16:
+        if device.type != "cuda":
+            raise GQAPruneError("--fp16: fp16 mixed precision needs a CUDA GPU; leave it out (fp32) on this device")
         return torch.float16, "fp16 base weights + fp16 autocast (asked for with --fp16)", False, True
     bf16 = opts.bf16
     if bf16 is None:
@@ -1086,10 +1090,12 @@ def finetune(opts: FinetuneOptions, *, callbacks: list | None = None) -> Finetun
 
     from peft import LoraConfig, get_peft_model
 
-    fingerprint = base_fingerprint(model, opts.lora_target_modules)
+    all_linear = list(opts.lora_target_modules) == ["all-linear"]
+    fingerprint = base_fingerprint(model, None if all_linear else opts.lora_target_modules)
     transformers.set_seed(opts.seed)  # LoRA A init
     lora_cfg = LoraConfig(r=opts.lora_r, lora_alpha=opts.lora_alpha, lora_dropout=opts.lora_dropout,
-                          target_modules=list(opts.lora_target_modules), bias="none", task_type="CAUSAL_LM")
+                          target_modules="all-linear" if all_linear else list(opts.lora_target_modules),
+                          bias="none", task_type="CAUSAL_LM")
     model = get_peft_model(model, lora_cfg)
     p = Path(opts.prune_model).expanduser()
     model.peft_config["default"].base_model_name_or_path = str(p.resolve()) if p.exists() else opts.prune_model
