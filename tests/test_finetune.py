@@ -116,6 +116,7 @@ def test_lora_on_per_layer_model_logs_everywhere(tmp_path, per_layer_dir, record
     out = Path(o.output_dir)
     assert res.status == "completed" and res.global_step == 3 and res.grad_accum == 2
     assert res.dataset_cache == "miss" and res.tokens_per_second > 0 and res.train_tokens > 0
+    assert 0 < res.train_seconds < res.wall_seconds
     # adapter shapes follow each layer's own widths (layer 0: 1 KV group -> k_proj out 8; MLP 48)
     w = load_file(out / "adapter_model.safetensors")
     key = lambda layer, mod: next(k for k in w if f"layers.{layer}." in k and mod in k and "lora_B" in k)  # noqa: E731

@@ -126,8 +126,9 @@ class FinetuneResult:
     train_examples: int
     val_examples: int
     train_tokens: int                # non-pad tokens fed forward by all processes in this invocation
-    train_seconds: float
-    tokens_per_second: float
+    train_seconds: float             # training loop time, evaluations and checkpoint saves excluded
+    tokens_per_second: float         # train_tokens / train_seconds
+    wall_seconds: float              # the whole run, from the first evaluation to the end
     final_train_loss: float | None
     best_eval_loss: float | None
     ppl_before: dict[str, dict] = field(default_factory=dict)   # name -> PPLResult.to_dict()
@@ -146,8 +147,8 @@ class FinetuneResult:
             f"checkpointing {'on' if self.gradient_checkpointing else 'off'}",
             f"  data: {self.train_examples:,} train / {self.val_examples:,} val examples; tokenised cache: "
             f"{self.dataset_cache}" + (f"; resumed from {self.resumed_from}" if self.resumed_from else ""),
-            f"  throughput: {self.train_tokens:,} non-pad tokens in {self.train_seconds:.1f} s = "
-            f"{self.tokens_per_second:,.0f} tokens/s",
+            f"  throughput: {self.train_tokens:,} non-pad tokens in {self.train_seconds:.1f} s of training = "
+            f"{self.tokens_per_second:,.0f} tokens/s (run wall time {self.wall_seconds:.1f} s)",
         ]
         if self.final_train_loss is not None:
             out.append(f"  final train loss {self.final_train_loss:.4f}")
@@ -872,8 +873,23 @@ def _make_trainer_classes():
 
         ppl_tracker: PPLTracker | None = None
         tokens_seen: int = 0
+        side_seconds: float = 0.0   # time in evaluation and checkpoint saving, kept out of tokens/s
+
+        def _save_checkpoint(self, *a, **kw):
+            t0 = time.perf_counter()
+            try:
+                return super()._save_checkpoint(*a, **kw)
+            finally:
+                self.side_seconds += time.perf_counter() - t0
 
         def evaluate(self, eval_dataset=None, ignore_keys=None, metric_key_prefix: str = "eval"):
+            t0 = time.perf_counter()
+            try:
+                return self._evaluate_with_ppl(eval_dataset, ignore_keys, metric_key_prefix)
+            finally:
+                self.side_seconds += time.perf_counter() - t0
+
+        def _evaluate_with_ppl(self, eval_dataset, ignore_keys, metric_key_prefix):
             metrics = {}
             if self.eval_dataset is not None or eval_dataset is not None:
                 metrics = super().evaluate(eval_dataset, ignore_keys, metric_key_prefix)
@@ -1130,10 +1146,13 @@ def finetune(opts: FinetuneOptions, *, callbacks: list | None = None) -> Finetun
 
     status, message, diverged = "completed", "", None
     t0 = time.perf_counter()
+    train_start = side_start = None
     try:
         if eval_enabled and resume is None:
             trainer.evaluate()  # step 0: val loss and PPL before fine-tuning
+        train_start, side_start = time.perf_counter(), trainer.side_seconds
         trainer.train(resume_from_checkpoint=resume)
+        train_end = time.perf_counter()
         if eval_enabled and (opts.eval_steps == 0 or trainer.state.global_step % opts.eval_steps):
             trainer.evaluate()
     except _Diverged as e:
@@ -1146,7 +1165,12 @@ def finetune(opts: FinetuneOptions, *, callbacks: list | None = None) -> Finetun
                    "Try a lower --learning_rate, or bf16/fp32 instead of --fp16, then resume with "
                    "--resume_from_checkpoint.")
         log.error(message)
-    train_seconds = time.perf_counter() - t0
+        train_end = time.perf_counter()
+    wall_seconds = time.perf_counter() - t0
+    # tokens/s counts the training loop only: evaluations and checkpoint saves inside it are subtracted.
+    run_seconds = 1e-9
+    if train_start is not None:
+        run_seconds = max(train_end - train_start - (trainer.side_seconds - side_start), 1e-9)
     tokens = torch.tensor(float(trainer.tokens_seen), device=args.device)
     if world_size > 1 and diverged is None:
         tokens = trainer.accelerator.reduce(tokens, reduction="sum")
@@ -1161,14 +1185,13 @@ def finetune(opts: FinetuneOptions, *, callbacks: list | None = None) -> Finetun
     ppl_after = {k: r.to_dict() for k, r in (tracker.latest if tracker else {}).items()}
     if diverged is not None:
         ppl_after = {}
-    run_seconds = next((h["train_runtime"] for h in reversed(hist) if "train_runtime" in h), train_seconds)
     result = FinetuneResult(
         output_dir=str(out), adapter_dir=str(out), status=status, global_step=int(trainer.state.global_step),
         epoch=float(trainer.state.epoch or 0.0), world_size=world_size, grad_accum=accum, precision=precision,
         gradient_checkpointing=bool(gc),
         train_examples=len(train_ds), val_examples=len(val_ds) if val_ds is not None else 0,
         train_tokens=tokens_seen, train_seconds=round(float(run_seconds), 3),
-        tokens_per_second=round(tokens_seen / max(float(run_seconds), 1e-9), 1),
+        tokens_per_second=round(tokens_seen / run_seconds, 1), wall_seconds=round(wall_seconds, 3),
         final_train_loss=train_losses[-1] if train_losses else None,
         best_eval_loss=min(eval_losses) if eval_losses else _best_eval_from_metrics(out / METRICS),
         ppl_before=ppl_before, ppl_after=ppl_after, dataset_cache=cache_status, resumed_from=resume,
