@@ -1092,7 +1092,7 @@ def finetune(opts: FinetuneOptions, *, callbacks: list | None = None) -> Finetun
     check_target_modules(model, opts.lora_target_modules)
 
     with args.main_process_first(local=False, desc="tokenise data"):
-        train_ds, val_ds, cache_status, data_info = prepare_data(opts, tokenizer, records)
+        train_ds, val_ds, cache_status, _ = prepare_data(opts, tokenizer, records)
     log.info("data: %d train / %d val examples, %d train tokens", len(train_ds),
              len(val_ds) if val_ds is not None else 0, train_ds.n_tokens)
 
@@ -1138,7 +1138,6 @@ def finetune(opts: FinetuneOptions, *, callbacks: list | None = None) -> Finetun
     trainer.remove_callback(ProgressCallback)
     if is_main:
         trainer.add_callback(QuietProgress())
-    if is_main:
         sink.write(0 if resume_step is None else resume_step,
                    {"run/global_batch": opts.batch_size, "run/grad_accum": accum, "run/world_size": world_size,
                     "run/train_examples": len(train_ds), "run/precision": precision,
@@ -1166,6 +1165,9 @@ def finetune(opts: FinetuneOptions, *, callbacks: list | None = None) -> Finetun
                    "--resume_from_checkpoint.")
         log.error(message)
         train_end = time.perf_counter()
+    except BaseException:
+        sink.close()  # an interrupted run still closes its W&B run and TensorBoard file
+        raise
     wall_seconds = time.perf_counter() - t0
     # tokens/s counts the training loop only: evaluations and checkpoint saves inside it are subtracted.
     run_seconds = 1e-9
