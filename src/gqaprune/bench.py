@@ -372,6 +372,8 @@ def bench_models(named_models: Iterable[tuple[str, torch.nn.Module]], opts: Benc
     bar = tqdm(total=total, desc="bench", unit="run", leave=False, disable=None)  # silent when not a terminal
     try:
         for batch in opts.batch_sizes:
+            log.info("batch %d: %d warm-up + %d timed runs of %d model(s), prompt %d, %d new tokens",
+                     batch, opts.warmup, opts.repeats, len(models), opts.prompt_len, opts.new_tokens)
             gen = torch.Generator().manual_seed(opts.seed)
             ids_cpu = torch.randint(0, vocab, (batch, opts.prompt_len), generator=gen)
             ids = {}
