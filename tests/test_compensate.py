@@ -111,6 +111,23 @@ def test_nothing_removed_leaves_weights_unchanged(tiny_model):
     assert not torch.equal(before["model.layers.1.mlp.down_proj.weight"], after["model.layers.1.mlp.down_proj.weight"])
 
 
+def test_ridge_pulls_towards_current_weights(tiny_model):
+    """A huge ridge means 'no refit' (kept columns as they were), not 'shrink to zero'."""
+    plan = plan_for(tiny_model, 0.3)
+    m = copy.deepcopy(tiny_model)
+    rep = compensate(m, plan, CALIB, ridge=1e9, holdout=0, progress=False)
+    assert all(x[k]["refit"] for x in rep["layers"] for k in ("attn", "mlp"))
+    plain = apply_plan(copy.deepcopy(tiny_model), plan)
+    refit = apply_plan(m, plan)
+    for a, b in zip(plain.model.layers, refit.model.layers):
+        assert torch.allclose(a.mlp.down_proj.weight, b.mlp.down_proj.weight, atol=1e-6)
+        assert torch.allclose(a.self_attn.o_proj.weight, b.self_attn.o_proj.weight, atol=1e-6)
+    # and the automatic ridge is picked from the grid and recorded
+    rep = compensate(copy.deepcopy(tiny_model), plan, CALIB, progress=False)
+    from gqaprune.prune.compensate import RIDGE_GRID
+    assert all(x[k]["ridge"] in RIDGE_GRID for x in rep["layers"] for k in ("attn", "mlp"))
+
+
 def test_overfit_refit_is_rejected_on_heldout():
     """Two calibration samples, a wide MLP: the fit memorises; held-out data must veto it."""
     m = make_tiny_model(intermediate_size=256)

@@ -58,7 +58,9 @@ class PruneOptions:
     compensate_target: str = opt("layer", "what the refit matches: layer = the unpruned sublayer on the pruned "
                                  "model's inputs; dense = the dense model's own residual stream",
                                  choices=COMPENSATE_TARGETS)
-    compensate_ridge: float = opt(1e-2, "ridge of the refit, relative to the mean diagonal of X^T X")
+    compensate_ridge: float | None = opt(None, "ridge of the refit (pulls towards the current weights), relative to "
+                                         "the mean diagonal of X^T X (default: chosen per layer on the held-out "
+                                         "calibration tokens)")
     compensate_holdout: float = opt(0.125, "fraction of calibration samples kept out of the refit to check it; a "
                                     "refit that raises their error is rejected")
     steps: int = opt(1, "iterative pruning: remove the budget in K equal steps, re-scoring (and compensating) "
@@ -129,7 +131,7 @@ def check_options(opts: PruneOptions) -> None:
     if opts.compensate_target not in COMPENSATE_TARGETS:
         raise GQAPruneError(f"--compensate-target {opts.compensate_target}: choose one of "
                             f"{', '.join(COMPENSATE_TARGETS)}")
-    if opts.compensate_ridge < 0:
+    if opts.compensate_ridge is not None and opts.compensate_ridge < 0:
         raise GQAPruneError(f"--compensate-ridge {opts.compensate_ridge}: must be >= 0")
     if not 0 <= opts.compensate_holdout < 1:
         raise GQAPruneError(f"--compensate-holdout {opts.compensate_holdout}: must be in [0, 1)")
