@@ -13,10 +13,17 @@ so its command lines run unchanged through ``scripts/post_training.py``.
 
 LoRA on per-layer pruned models needs no patching: PEFT wraps each ``nn.Linear`` on its
 own, and the per-layer model derives head counts from projection widths.
+
+Recovery options beyond the guide's: ``--distill_from`` (knowledge distillation from the
+dense model, teacher run per micro-batch without gradients), and for throughput
+``--group_by_length``, ``--packing`` (padding-free micro-batches with per-example
+attention) and Liger fused kernels where installed. None of the throughput options
+changes which examples make up an optimizer step except ``--group_by_length``.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import logging
@@ -55,6 +62,7 @@ _RESUMABLE_CHANGES = {
     "output_dir", "resume_from_checkpoint", "overwrite", "max_steps", "num_epochs", "eval_steps", "save_steps",
     "save_total_limit", "logging_steps", "wandb_project", "tensorboard", "extra_val_dataset", "extra_val_max_tokens",
     "ppl_seq_len", "device", "cache_dataset", "cache_dir", "log_sample_ids", "allow_pickle", "gradient_checkpointing",
+    "fused_kernels",
 }
 
 
@@ -108,6 +116,16 @@ class FinetuneOptions:
     device: str | None = opt(None, "device for a single-process run (default: cuda if available, else cpu)")
     log_sample_ids: bool = opt(False, "write the record indices each process trained on to "
                                       "output_dir/samples_rank<R>.txt (audit sharding and data order)")
+    distill_from: str | None = opt(None, "distil from this (dense) model: loss = alpha * T^2 * KL(teacher || "
+                                         "student at temperature T) + (1 - alpha) * LM loss; same tokenizer needed")
+    distill_alpha: float = opt(0.5, "weight of the distillation term, in [0, 1] (with --distill_from)")
+    distill_temperature: float = opt(2.0, "softmax temperature T of the distillation term (with --distill_from)")
+    group_by_length: bool = opt(False, "batch examples of similar length together (less padding; the Trainer's "
+                                       "length-grouped sampler)")
+    packing: bool = opt(False, "padding-free: each micro-batch's examples in one row, positions restarting per "
+                               "example and attention kept inside each example (same examples per step)")
+    fused_kernels: bool | None = opt(None, "Liger fused kernels (RMSNorm, SwiGLU, RoPE, linear+cross-entropy) "
+                                           "(default: on when liger-kernel is installed and training on CUDA)")
 
 
 @dataclass
@@ -138,6 +156,10 @@ class FinetuneResult:
     metrics_path: str = ""
     plot_path: str | None = None
     message: str = ""
+    batching: str = "padded"         # padded | length-grouped | packed | length-grouped + packed
+    padding_fraction: float = 0.0    # pad positions / all positions fed forward (0 when packed)
+    fused_kernels: str = "none"      # what fused kernels were applied, or why none
+    distill: dict | None = None      # teacher, alpha, temperature, final KL / LM-loss terms
 
     def lines(self) -> list[str]:
         """A one-screen summary for the CLI."""
@@ -149,7 +171,15 @@ class FinetuneResult:
             f"{self.dataset_cache}" + (f"; resumed from {self.resumed_from}" if self.resumed_from else ""),
             f"  throughput: {self.train_tokens:,} non-pad tokens in {self.train_seconds:.1f} s of training = "
             f"{self.tokens_per_second:,.0f} tokens/s (run wall time {self.wall_seconds:.1f} s)",
+            f"  batching: {self.batching} ({100 * self.padding_fraction:.1f}% of positions were padding); fused "
+            f"kernels: {self.fused_kernels}",
         ]
+        if self.distill:
+            d = self.distill
+            out.append(f"  distillation from {d['teacher']}: alpha {d['alpha']}, temperature {d['temperature']} "
+                       f"(loss = alpha * T^2 * KL(teacher || student) + (1 - alpha) * LM loss)"
+                       + (f"; last logged KL {d['last_kl']:.4f}, LM loss {d['last_ce']:.4f} per token"
+                          if d.get("last_kl") is not None else ""))
         if self.final_train_loss is not None:
             out.append(f"  final train loss {self.final_train_loss:.4f}")
         if self.best_eval_loss is not None:
@@ -261,6 +291,10 @@ def _check_options(opts: FinetuneOptions, world_size: int) -> int:
     if not opts.lora_target_modules:
         raise GQAPruneError("--lora_target_modules is empty; name the Linear modules to adapt, e.g. q_proj,v_proj")
     check_extra_val(opts.extra_val_dataset)
+    if not 0 <= opts.distill_alpha <= 1:
+        raise GQAPruneError(f"--distill_alpha {opts.distill_alpha}: must be in [0, 1] (the weight of the KL term)")
+    if not opts.distill_temperature > 0:
+        raise GQAPruneError(f"--distill_temperature {opts.distill_temperature}: must be > 0")
     return accum
 
 
@@ -359,11 +393,14 @@ def _check_output_dir(opts: FinetuneOptions, resume: str | None) -> str:
 
 
 def _manifest_diff(old: dict, new: dict) -> list[str]:
+    # A run recorded before an option existed ran with that option's default.
+    defaults = {f.name: f.default for f in dataclasses.fields(FinetuneOptions)
+                if f.default is not dataclasses.MISSING}
     diffs = []
     for k in sorted(set(old) | set(new)):
         if k in _RESUMABLE_CHANGES:
             continue
-        if old.get(k) != new.get(k):
+        if old.get(k, defaults.get(k)) != new.get(k):
             diffs.append(f"{k}: {old.get(k)!r} then, {new.get(k)!r} now")
     return diffs
 
@@ -597,17 +634,31 @@ def prepare_data(opts: FinetuneOptions, tokenizer, records: list[dict]
 
 
 class PadCollator:
-    """Right-pad a batch to its longest example (rounded up to a multiple of 8).
+    """Right-pad a batch to its longest example (rounded up to a multiple of 8), or pack it.
 
-    Labels are padded with -100 and the attention mask marks real tokens. The record
-    indices (``idx``) are taken out of the batch and, with ``sample_log``, appended to a
-    per-process file so tests and users can check sharding and data order.
+    Padded: labels are padded with -100 and the attention mask marks real tokens.
+
+    Packed (``pack=True``, padding-free): the batch's examples are concatenated into one
+    row with ``position_ids`` restarting at 0 for each example and no attention mask.
+    transformers reads the restarts as sequence boundaries: sdpa/eager get a block-diagonal
+    causal mask, flash-attention its varlen kernel, so no token attends across examples.
+    The first label of each example is set to -100, so the last token of one example is not
+    trained to predict the first token of the next; unpacked, that label is never used either
+    (the causal-LM loss shifts labels by one), so the loss is the same token for token.
+
+    The record indices (``idx``) are taken out of the batch and, with ``sample_log``, appended
+    to a per-process file so tests and users can check sharding and data order.
     """
 
-    def __init__(self, pad_id: int, multiple: int = 8, sample_log: Path | None = None):
-        self.pad_id, self.multiple, self.sample_log = pad_id, multiple, sample_log
+    def __init__(self, pad_id: int, multiple: int = 8, sample_log: Path | None = None, pack: bool = False):
+        self.pad_id, self.multiple, self.sample_log, self.pack = pad_id, multiple, sample_log, pack
 
     def __call__(self, features: list[dict]) -> dict[str, torch.Tensor]:
+        if self.sample_log is not None and features[0].get("train"):
+            with open(self.sample_log, "a") as fh:
+                fh.write(",".join(str(int(f["idx"])) for f in features) + "\n")
+        if self.pack:
+            return pack_examples([f["input_ids"] for f in features], [f["labels"] for f in features])
         n = max(len(f["input_ids"]) for f in features)
         n = -(-n // self.multiple) * self.multiple
         ids = torch.full((len(features), n), self.pad_id, dtype=torch.long)
@@ -618,13 +669,75 @@ class PadCollator:
             ids[row, :k] = torch.as_tensor(np.asarray(f["input_ids"], dtype=np.int64))
             labels[row, :k] = torch.as_tensor(np.asarray(f["labels"], dtype=np.int64))
             mask[row, :k] = 1
-        if self.sample_log is not None and features[0].get("train"):
-            with open(self.sample_log, "a") as fh:
-                fh.write(",".join(str(int(f["idx"])) for f in features) + "\n")
         return {"input_ids": ids, "attention_mask": mask, "labels": labels}
 
 
+def pack_examples(ids: list, labels: list) -> dict[str, torch.Tensor]:
+    """Examples -> one packed row: ``input_ids``, ``labels``, ``position_ids``, each ``[1, total tokens]``.
+
+    Positions restart at 0 per example (the boundary transformers detects); each example's
+    first label is -100 (see PadCollator).
+    """
+    lens = [len(x) for x in ids]
+    flat_ids = torch.as_tensor(np.concatenate([np.asarray(x, dtype=np.int64) for x in ids]))
+    flat_lab = torch.as_tensor(np.concatenate([np.asarray(x, dtype=np.int64) for x in labels]))
+    starts = np.concatenate([[0], np.cumsum(lens)[:-1]])
+    flat_lab[torch.as_tensor(starts)] = -100
+    pos = torch.cat([torch.arange(n, dtype=torch.long) for n in lens])
+    return {"input_ids": flat_ids[None], "labels": flat_lab[None], "position_ids": pos[None]}
+
+
 # ------------------------------------------------------------------------------------------ model
+
+
+def distillation_kl(student_logits: torch.Tensor, teacher_logits: torch.Tensor, labels: torch.Tensor,
+                    temperature: float) -> tuple[torch.Tensor, int]:
+    """(sum over loss tokens of KL(teacher || student) at temperature T, number of those tokens).
+
+    The tokens are the causal-LM loss's: logits at position i predict label i + 1, and only
+    positions whose next label is not -100 count. Both distributions are softmax(logits / T),
+    computed in fp32 on the selected positions only (a [tokens, vocab] copy, not [batch, len, vocab]).
+    Hinton's T^2 factor is NOT applied here; the caller scales the term.
+    """
+    if student_logits.shape[-1] != teacher_logits.shape[-1]:
+        raise GQAPruneError(f"--distill_from: the teacher predicts {teacher_logits.shape[-1]} tokens, the student "
+                            f"{student_logits.shape[-1]}; teacher and student must share one vocabulary")
+    keep = labels[..., 1:] != -100
+    n = int(keep.sum())
+    if n == 0:
+        return student_logits.sum() * 0.0, 0
+    s = torch.log_softmax(student_logits[..., :-1, :][keep].float() / temperature, dim=-1)
+    t = torch.log_softmax(teacher_logits[..., :-1, :][keep].float() / temperature, dim=-1)
+    return torch.nn.functional.kl_div(s, t, reduction="sum", log_target=True), n
+
+
+def load_teacher(ref: str, student_tokenizer, student_config, *, dtype: torch.dtype, device: torch.device,
+                 allow_pickle: bool = False):
+    """The frozen teacher for --distill_from, in eval mode, in the student's precision, on its device.
+
+    Refuses a teacher whose vocabulary (tokenizer and output size) differs from the student's:
+    the KL compares the two distributions token id by token id.
+    """
+    from gqaprune.model_io import load_model
+
+    try:
+        teacher, ttok = load_model(ref, dtype=dtype, device=device, allow_pickle=allow_pickle)
+    except GQAPruneError as e:
+        raise GQAPruneError(str(e).replace("--model ", "--distill_from ", 1)) from e
+    if ttok is not None and ttok.get_vocab() != student_tokenizer.get_vocab():
+        raise GQAPruneError(
+            f"--distill_from {ref}: its tokenizer differs from the student's ({len(ttok)} vs "
+            f"{len(student_tokenizer)} tokens, or different ids); distillation compares token distributions id by "
+            "id, so use a teacher with the student's tokenizer (the model it was pruned from)."
+        )
+    tv, sv = teacher.config.get_text_config().vocab_size, student_config.get_text_config().vocab_size
+    if tv != sv:
+        raise GQAPruneError(f"--distill_from {ref}: vocabulary size {tv}, the student's is {sv}; use the model the "
+                            "student was pruned from")
+    teacher.eval().requires_grad_(False)
+    teacher.config.use_cache = False
+    return teacher
+
 
 
 def linear_module_names(model) -> list[str]:
@@ -683,6 +796,10 @@ def _rename_metric(k: str) -> str:
         return "learning_rate"
     if k == "grad_norm":
         return "train/grad_norm"
+    if k == "distill_kl":
+        return "train/distill_kl"
+    if k == "distill_ce":
+        return "train/lm_loss"
     if k == "train_loss":
         return "train/mean_loss"
     if k.startswith("eval_"):
@@ -872,8 +989,68 @@ def _make_trainer_classes():
         """Adds extra-corpus PPL to each evaluation, counts real tokens, stops on NaN/inf loss."""
 
         ppl_tracker: PPLTracker | None = None
-        tokens_seen: int = 0
+        tokens_seen: int = 0        # real (non-pad) tokens fed forward in training
+        positions_seen: int = 0     # all positions fed forward in training, padding included
         side_seconds: float = 0.0   # time in evaluation and checkpoint saving, kept out of tokens/s
+        eval_collator = None        # evaluation batches are always padded: val loss comparable across runs
+        teacher = None              # frozen teacher for distillation (None: plain LM loss)
+        distill_alpha: float = 0.5
+        distill_temperature: float = 2.0
+        _distill_sums = None        # [KL sum, LM-loss sum, tokens] since the last log (this process)
+        last_distill: dict | None = None
+
+        def get_eval_dataloader(self, eval_dataset=None):
+            if self.eval_collator is None:
+                return super().get_eval_dataloader(eval_dataset)
+            train_collator, self.data_collator = self.data_collator, self.eval_collator
+            try:
+                return super().get_eval_dataloader(eval_dataset)
+            finally:
+                self.data_collator = train_collator
+
+        def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+            """Plain LM loss; in training with a teacher: alpha * T^2 * KL + (1 - alpha) * LM loss.
+
+            Both terms are normalised alike: summed over the loss tokens and divided by the
+            Trainer's token count for the whole optimizer step (``num_items_in_batch``), or
+            by this micro-batch's token count when the Trainer gives none. Evaluation (model
+            not training) always reports the plain LM loss.
+            """
+            if self.teacher is None or not model.training:
+                return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+            ce, outputs = super().compute_loss(model, inputs, True, num_items_in_batch)
+            with torch.no_grad():
+                # per micro-batch, no graph, no logit cache: teacher memory = one forward's activations
+                t_in = {k: inputs[k] for k in ("input_ids", "attention_mask", "position_ids") if k in inputs}
+                t_logits = self.teacher(**t_in, use_cache=False).logits
+            kl_sum, n = distillation_kl(outputs.logits, t_logits, inputs["labels"], self.distill_temperature)
+            del t_logits
+            denom = num_items_in_batch if num_items_in_batch is not None else max(n, 1)
+            # the same factor the Trainer applied to the LM loss (tokens averaged across processes)
+            scale = 1
+            if (num_items_in_batch is not None and self.args.average_tokens_across_devices
+                    and self.model_accepts_loss_kwargs):
+                scale = self.accelerator.num_processes // (self.get_tp_size() if hasattr(self, "get_tp_size")
+                                                           else 1)
+            kl = kl_sum / denom * scale
+            a, t2 = self.distill_alpha, self.distill_temperature ** 2
+            loss = (1.0 - a) * ce + a * t2 * kl
+            sums = self._distill_sums if self._distill_sums is not None else [0.0, 0.0, 0]
+            d = float(denom) / scale
+            sums[0] += float(kl_sum.detach())
+            sums[1] += float(ce.detach()) * d
+            sums[2] += n
+            self._distill_sums = sums
+            return (loss, outputs) if return_outputs else loss
+
+        def log(self, logs, *args, **kwargs):
+            if "loss" in logs and self._distill_sums is not None and self._distill_sums[2] > 0:
+                kl_sum, ce_sum, n = self._distill_sums
+                logs["distill_kl"] = kl_sum / n    # KL(teacher || student) at temperature T, per token
+                logs["distill_ce"] = ce_sum / n    # the plain LM loss, per token
+                self.last_distill = {"kl": logs["distill_kl"], "ce": logs["distill_ce"]}
+                self._distill_sums = None
+            return super().log(logs, *args, **kwargs)
 
         def _save_checkpoint(self, *a, **kw):
             t0 = time.perf_counter()
@@ -905,7 +1082,10 @@ def _make_trainer_classes():
             return metrics
 
         def training_step(self, model, inputs, num_items_in_batch=None):
-            self.tokens_seen += int(inputs["attention_mask"].sum()) if "attention_mask" in inputs else 0
+            ids = inputs["input_ids"]
+            self.positions_seen += ids.numel()
+            # packed batches have no padding and no attention mask
+            self.tokens_seen += int(inputs["attention_mask"].sum()) if "attention_mask" in inputs else ids.numel()
             loss = super().training_step(model, inputs, num_items_in_batch)
             bad = torch.tensor(0.0 if torch.isfinite(loss).all() else 1.0, device=loss.device)
             if self.args.world_size > 1:
@@ -1000,6 +1180,44 @@ def _checkpointing_args(on: bool) -> dict:
     return {key: on, key + "_kwargs": {"use_reentrant": False} if on else None}
 
 
+def _sampler_args(group_by_length: bool) -> dict:
+    """TrainingArguments for the length-grouped sampler; transformers 5.x replaced the bool with a strategy."""
+    import dataclasses as dc
+
+    from transformers import TrainingArguments
+
+    names = {f.name for f in dc.fields(TrainingArguments)}
+    if "train_sampling_strategy" in names:
+        return {"train_sampling_strategy": "group_by_length" if group_by_length else "random"}
+    return {"group_by_length": group_by_length}
+
+
+def fused_kernel_plan(want: bool | None, device: torch.device) -> tuple[bool, str]:
+    """(apply Liger kernels?, what to report). ``want``: True = required, False = off, None = where available."""
+    import importlib.util
+
+    if want is False:
+        return False, "off (--fused_kernels false)"
+    installed = importlib.util.find_spec("liger_kernel") is not None
+    if not installed or device.type != "cuda":
+        why = "liger-kernel is not installed" if not installed else f"Liger kernels need CUDA, training on {device}"
+        if want:
+            raise GQAPruneError(f"--fused_kernels: {why}; leave the flag out (or pip install liger-kernel on a "
+                                "CUDA machine).")
+        return False, f"none ({why})"
+    return True, "liger"
+
+
+def _apply_fused_kernels(model, distill: bool) -> str:
+    """Patch the (unwrapped) Llama model with Liger kernels; returns what was applied."""
+    from liger_kernel.transformers import apply_liger_kernel_to_llama
+
+    # Fused linear + cross-entropy never materialises the logits; distillation needs them.
+    kinds = dict(rope=True, rms_norm=True, swiglu=True, cross_entropy=False, fused_linear_cross_entropy=not distill)
+    apply_liger_kernel_to_llama(model=model, **kinds)
+    return "liger (" + ", ".join(k for k, v in kinds.items() if v) + ")"
+
+
 def _load_base(opts: FinetuneOptions, dtype: torch.dtype, device: torch.device):
     from gqaprune.model_io import load_model
 
@@ -1023,6 +1241,11 @@ def finetune(opts: FinetuneOptions, *, callbacks: list | None = None) -> Finetun
         resolve_model_ref(opts.prune_model)  # a missing model fails here, before data is read
     except GQAPruneError as e:
         raise GQAPruneError(str(e).replace("--model ", "--prune_model ", 1)) from e
+    if opts.distill_from:
+        try:
+            resolve_model_ref(opts.distill_from)
+        except GQAPruneError as e:
+            raise GQAPruneError(str(e).replace("--model ", "--distill_from ", 1)) from e
     from gqaprune.data import load_instruction_records
 
     records = load_instruction_records(opts.data_path)
@@ -1062,6 +1285,7 @@ def finetune(opts: FinetuneOptions, *, callbacks: list | None = None) -> Finetun
         bf16=use_bf16,
         fp16=use_fp16,
         **_checkpointing_args(gc),
+        **_sampler_args(opts.group_by_length),
         logging_steps=opts.logging_steps,
         logging_nan_inf_filter=False,      # we stop on NaN instead of hiding it
         eval_strategy="no",                # EvalEvery triggers evaluation, with or without a val split
@@ -1090,6 +1314,20 @@ def finetune(opts: FinetuneOptions, *, callbacks: list | None = None) -> Finetun
     tokenizer.padding_side = "right"
     model.config.use_cache = False
     check_target_modules(model, opts.lora_target_modules)
+    use_fused, fused_desc = fused_kernel_plan(opts.fused_kernels, device)
+    teacher = None
+    if opts.distill_from:
+        teacher = load_teacher(opts.distill_from, tokenizer, model.config, dtype=load_dtype, device=device,
+                               allow_pickle=opts.allow_pickle)
+        log.info("distillation from %s: alpha %.3g, temperature %.3g (loss = alpha * T^2 * KL(teacher || student) "
+                 "+ (1 - alpha) * LM loss)", opts.distill_from, opts.distill_alpha, opts.distill_temperature)
+    if use_fused:
+        try:
+            fused_desc = _apply_fused_kernels(model, distill=teacher is not None)
+        except Exception as e:  # noqa: BLE001 - an optional speed-up must not stop the run
+            fused_desc = f"none (Liger failed: {type(e).__name__}: {e})"
+            log.warning("fused kernels: %s", fused_desc)
+    log.info("fused kernels: %s", fused_desc)
 
     with args.main_process_first(local=False, desc="tokenise data"):
         train_ds, val_ds, cache_status, _ = prepare_data(opts, tokenizer, records)
@@ -1129,9 +1367,15 @@ def finetune(opts: FinetuneOptions, *, callbacks: list | None = None) -> Finetun
     if eval_enabled:
         cbs.append(EvalEvery(opts.eval_steps))
     trainer = LoRATrainer(model=model, args=args, train_dataset=train_ds, eval_dataset=val_ds,
-                          data_collator=PadCollator(tokenizer.pad_token_id, sample_log=sample_log),
+                          data_collator=PadCollator(tokenizer.pad_token_id, sample_log=sample_log,
+                                                      pack=opts.packing),
                           processing_class=tokenizer, callbacks=cbs + list(callbacks or []))
     trainer.ppl_tracker = tracker
+    if opts.packing:
+        trainer.eval_collator = PadCollator(tokenizer.pad_token_id)
+    if teacher is not None:
+        trainer.teacher = teacher
+        trainer.distill_alpha, trainer.distill_temperature = opts.distill_alpha, opts.distill_temperature
     from transformers.trainer_callback import PrinterCallback, ProgressCallback
 
     trainer.remove_callback(PrinterCallback)   # library code logs; it does not print dicts
@@ -1198,6 +1442,13 @@ def finetune(opts: FinetuneOptions, *, callbacks: list | None = None) -> Finetun
         best_eval_loss=min(eval_losses) if eval_losses else _best_eval_from_metrics(out / METRICS),
         ppl_before=ppl_before, ppl_after=ppl_after, dataset_cache=cache_status, resumed_from=resume,
         metrics_path=str(out / METRICS), message=message,
+        batching=" + ".join(b for b, on in (("length-grouped", opts.group_by_length), ("packed", opts.packing)) if on)
+        or "padded",
+        padding_fraction=round(1 - trainer.tokens_seen / trainer.positions_seen, 4) if trainer.positions_seen else 0.0,
+        fused_kernels=fused_desc,
+        distill=None if teacher is None else {
+            "teacher": opts.distill_from, "alpha": opts.distill_alpha, "temperature": opts.distill_temperature,
+            "last_kl": (trainer.last_distill or {}).get("kl"), "last_ce": (trainer.last_distill or {}).get("ce")},
     )
     if is_main:
         if diverged is None:
@@ -1255,4 +1506,5 @@ def _best_eval_from_metrics(metrics_path: Path) -> float | None:
 
 __all__ = ["FinetuneOptions", "FinetuneResult", "TrainingDivergedError", "finetune", "grad_accumulation",
            "tokenize_records", "prepare_data", "plot_curves", "base_fingerprint", "linear_module_names",
-           "DEFAULT_TARGET_MODULES"]
+           "DEFAULT_TARGET_MODULES", "PadCollator", "pack_examples", "distillation_kl", "load_teacher",
+           "fused_kernel_plan"]
