@@ -42,21 +42,26 @@ def test_sensitivity_is_the_measured_loss_rise():
     plan.kv_groups[1] = sorted(kv_order[x["probe_kv_removed"]:].tolist())
     plan.mlp_channels[1] = sorted(mlp_order[x["probe_mlp_removed"]:].tolist())
     cut = apply_plan(copy.deepcopy(m), plan)
-    assert abs(x["loss"] - _loss(cut, CALIB)) < 1e-4
+    assert abs(x["loss"] - _loss(cut, CALIB)) < 1e-4 and abs(x["delta"] - (x["loss"] - rep["base_loss"])) < 1e-9
+    with torch.no_grad():
+        p = torch.log_softmax(m(input_ids=CALIB).logits[:, :-1].float(), -1)
+        q = torch.log_softmax(cut(input_ids=CALIB).logits[:, :-1].float(), -1)
+    kl = float((p.exp() * (p - q)).sum(-1).mean())
+    assert x["kl"] > 0 and abs(x["kl"] - kl) < 1e-5
     assert x["probe_mlp_removed"] > 0
     assert all(torch.equal(a, b) for a, b in zip(m.state_dict().values(), make_tiny_model(num_hidden_layers=3)
                                                   .state_dict().values())), "probing must not modify weights"
 
 
-def test_weights_are_bounded_sqrt_of_relative_deltas():
-    rep = {"layers": [{"layer": 0, "delta": 0.4}, {"layer": 1, "delta": 0.5}, {"layer": 2, "delta": 0.3}]}
+def test_weights_are_bounded_sqrt_of_relative_kl():
+    rep = {"layers": [{"layer": 0, "kl": 0.4}, {"layer": 1, "kl": 0.5}, {"layer": 2, "kl": 0.3}]}
     w = sensitivity_weights(rep)
     assert w[0] == pytest.approx(1.0) and w[1] == pytest.approx(1.25 ** 0.5) and w[2] == pytest.approx(0.75 ** 0.5)
-    rep = {"layers": [{"layer": 0, "delta": 0.01}, {"layer": 1, "delta": -0.2}, {"layer": 2, "delta": 0.0},
-                      {"layer": 3, "delta": 0.0}, {"layer": 4, "delta": 3.0}]}
+    rep = {"layers": [{"layer": 0, "kl": 0.01}, {"layer": 1, "kl": 0.0}, {"layer": 2, "kl": 0.0},
+                      {"layer": 3, "kl": 0.0}, {"layer": 4, "kl": 3.0}]}
     w = sensitivity_weights(rep)
-    assert w[0] == 0.5 and w[1] == 0.5     # a layer that barely reacts (or whose pruning helps) is still not free
-    assert w[4] == 2.0                     # nor is any layer untouchable
+    assert w[0] == 0.5 and w[1] == 0.5     # a layer that barely reacts is pruned at most twice the average
+    assert w[4] == 2.0                     # and the most sensitive one at least half of it
 
 
 def test_sensitivity_allocation_meets_budget_and_records_provenance(tiny_model):
@@ -69,7 +74,8 @@ def test_sensitivity_allocation_meets_budget_and_records_provenance(tiny_model):
     sens = prov["sensitivity"]
     assert prov["allocation"] == "sensitivity" and sens["samples"] == 4 and sens["tokens"] == 4 * 32
     assert [x["layer"] for x in sens["layers"]] == [0, 1, 2, 3]
-    assert all({"delta", "weight", "loss", "probe_kv_removed", "probe_mlp_removed"} <= set(x) for x in sens["layers"])
+    assert all({"kl", "delta", "weight", "loss", "probe_kv_removed", "probe_mlp_removed"} <= set(x)
+               for x in sens["layers"])
     assert count_params(pruned) == prov["params_after"]
     # same budget accuracy as the plain per-layer plan
     assert abs(prov["params_after"] - lay.total_params * 0.7) <= lay.group_params * lay.num_layers
@@ -85,9 +91,15 @@ def test_weights_shift_the_allocation():
     lay = model_layout(m)
     scores = score_units(m, lay, "magnitude", None)
     base = make_plan(lay, scores, Budget(ratio=0.3), layout_kind="per-layer")
-    heavy0 = make_plan(lay, scores, Budget(ratio=0.3), layout_kind="per-layer", layer_weights={0: 5.0, 1: 0.2})
-    assert heavy0.kept_mlp[0] > base.kept_mlp[0] and heavy0.kept_mlp[1] < base.kept_mlp[1]
-    assert abs(heavy0.provenance["params_after"] - base.provenance["params_after"]) <= lay.channel_params * 2
+    even = make_plan(lay, scores, Budget(ratio=0.3), layout_kind="per-layer", layer_weights={0: 1.0, 1: 1.0})
+    assert even.kept_mlp[0] == even.kept_mlp[1]          # equal weights, equal layers: equal shares
+    heavy0 = make_plan(lay, scores, Budget(ratio=0.3), layout_kind="per-layer", layer_weights={0: 2.0, 1: 0.5})
+    rm0, rm1 = 128 - heavy0.kept_mlp[0], 128 - heavy0.kept_mlp[1]
+    assert abs(rm1 - 4 * rm0) <= 4                       # removal in proportion to size / weight
+    assert heavy0.provenance["params_after"] == base.provenance["params_after"]
+    # within a layer the scores still choose: the kept channels are the layer's top-scored ones
+    top = sorted(torch.argsort(scores[0]["mlp"], descending=True, stable=True)[:heavy0.kept_mlp[0]].tolist())
+    assert heavy0.mlp_channels[0] == top
 
 
 def test_sensitivity_needs_per_layer_layout(tiny_model):
@@ -97,3 +109,16 @@ def test_sensitivity_needs_per_layer_layout(tiny_model):
     lay = model_layout(tiny_model)
     with pytest.raises(GQAPruneError, match="per-layer"):
         make_plan(lay, score_units(tiny_model, lay, "magnitude", None), Budget(ratio=0.3), layer_weights={0: 1.0})
+
+
+def test_assign_by_weights_caps_and_redistributes():
+    from gqaprune.prune.plan import _assign_by_weights
+
+    sizes, floors = {0: 100, 1: 100, 2: 100}, {0: 1, 1: 1, 2: 1}
+    rm = _assign_by_weights(sizes, floors, 150, {0: 0.5, 1: 1.0, 2: 2.0})
+    assert sum(rm.values()) == 150 and rm[0] > rm[1] > rm[2]
+    assert abs(rm[0] / rm[2] - 4) < 0.1
+    rm = _assign_by_weights(sizes, floors, 280, {0: 0.5, 1: 1.0, 2: 2.0})   # layer 0 hits its floor
+    assert sum(rm.values()) == 280 and rm[0] == 99 and rm[1] > rm[2]
+    rm = _assign_by_weights({0: 3, 1: 3, 2: 3}, {0: 1, 1: 1, 2: 1}, 2, {0: 2.0, 1: 1.0, 2: 0.5})  # KV granularity
+    assert rm == {0: 0, 1: 1, 2: 1} or rm == {0: 0, 1: 0, 2: 2}

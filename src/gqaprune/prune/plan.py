@@ -14,7 +14,9 @@ fraction of their units as nearly as the KV-group granularity allows; the MLP co
 then absorbs the remainder so the achieved total is the nearest one the unit sizes allow.
 ``uniform``: every pruned layer keeps the same counts (a plain Llama config).
 ``per-layer``: the same totals, but which layer gives up which unit is decided by
-ranking units across layers with scores normalised per layer (score / layer mean).
+ranking units across layers with scores normalised per layer (score / layer mean);
+with sensitivity weights (``--allocation sensitivity``) each layer's count is instead
+proportional to its size / its weight, and the scores pick the units within the layer.
 """
 
 from __future__ import annotations
@@ -241,9 +243,11 @@ def make_plan(layout: ModelLayout, scores: list[dict], budget: Budget, *, layout
               provenance: dict | None = None, layer_weights: dict[int, float] | None = None) -> PrunePlan:
     """Choose the kept units per layer from scores and a budget.
 
-    ``layer_weights`` (per-layer layout only): layer -> factor on that layer's normalised
-    scores when units are ranked across layers (sensitivity.py); a layer with weight 2
-    keeps its units as if they scored twice as high.
+    ``layer_weights`` (per-layer layout only): layer -> sensitivity weight (sensitivity.py).
+    Then the attention and MLP totals are split over the layers in proportion to
+    (units in the layer) / weight, instead of by ranking normalised scores across layers: a
+    layer with weight 2 gives up half the average fraction of its units, one with weight
+    1/2 twice the average. Which units go within a layer is still decided by the scores.
     """
     if layout_kind not in LAYOUTS:
         raise GQAPruneError(f"--layout {layout_kind}: choose one of {', '.join(LAYOUTS)}")
@@ -310,8 +314,14 @@ def _per_layer_counts(layout, scores, removed, pruned, min_mlp, round_mlp_to, we
     if best is None:
         raise GQAPruneError(_too_much(layout, removed, len(pruned), min_mlp))
     _, k_tot, m_tot = best
-    kv_rm = _assign_global(scores, "kv", pruned, k_tot, {i: 1 for i in pruned}, weights)
-    mlp_rm = _assign_global(scores, "mlp", pruned, m_tot, {i: max(min_mlp, 1) for i in pruned}, weights)
+    sizes = {"kv": {i: layout.layers[i].n_kv for i in pruned}, "mlp": {i: layout.layers[i].n_mlp for i in pruned}}
+    floors = {"kv": {i: 1 for i in pruned}, "mlp": {i: max(min_mlp, 1) for i in pruned}}
+    if weights:
+        kv_rm = _assign_by_weights(sizes["kv"], floors["kv"], k_tot, weights)
+        mlp_rm = _assign_by_weights(sizes["mlp"], floors["mlp"], m_tot, weights)
+    else:
+        kv_rm = _assign_global(scores, "kv", pruned, k_tot, floors["kv"])
+        mlp_rm = _assign_global(scores, "mlp", pruned, m_tot, floors["mlp"])
     if round_mlp_to and round_mlp_to > 1:
         for i in pruned:
             n = layout.layers[i].n_mlp
@@ -321,12 +331,40 @@ def _per_layer_counts(layout, scores, removed, pruned, min_mlp, round_mlp_to, we
     return kv_rm, mlp_rm
 
 
-def _assign_global(scores, kind, pruned, total, floor, weights=None):
-    """Remove ``total`` units of ``kind`` with the lowest per-layer-normalised (and weighted) scores, keeping ``floor``."""
+def _assign_by_weights(sizes: dict, floors: dict, total: int, weights: dict) -> dict:
+    """Split ``total`` removals over layers in proportion to size / weight (capped at size - floor).
+
+    Largest-remainder rounding, so the counts add up to ``total`` exactly; what a full layer
+    cannot take is handed on to the others in the same proportions.
+    """
+    rm = {i: 0 for i in sizes}
+    left, open_ = total, [i for i in sizes if sizes[i] > floors[i]]
+    while left > 0 and open_:
+        share = {i: sizes[i] / weights.get(i, 1.0) for i in open_}
+        z = sum(share.values())
+        want = {i: left * share[i] / z for i in open_}
+        cap = {i: sizes[i] - floors[i] - rm[i] for i in open_}
+        base = {i: min(cap[i], int(want[i])) for i in open_}
+        extra = left - sum(base.values())
+        for i in sorted(open_, key=lambda i: -(want[i] - int(want[i]))):
+            if extra <= 0:
+                break
+            if base[i] < cap[i]:
+                base[i] += 1
+                extra -= 1
+        for i in open_:
+            rm[i] += base[i]
+        left -= sum(base.values())
+        open_ = [i for i in open_ if rm[i] < sizes[i] - floors[i]]
+    return rm
+
+
+def _assign_global(scores, kind, pruned, total, floor):
+    """Remove ``total`` units of ``kind`` with the lowest per-layer-normalised scores, keeping ``floor``."""
     cands = []
     for i in pruned:
         s = scores[i][kind].double()
-        norm = s / s.mean().clamp_min(1e-30) * (weights[i] if weights else 1.0)
+        norm = s / s.mean().clamp_min(1e-30)
         order = torch.argsort(norm, stable=True)
         # the layer's best `floor` units are never candidates
         for j in order[: len(order) - floor[i]].tolist():

@@ -3,24 +3,28 @@
 How much does pruning layer i *alone* cost? For every pruned layer, remove its
 lowest-scored units at the counts the uniform layout would remove there (so every
 layer is probed with the same share), run the model on a few calibration samples, and
-record the rise of the calibration loss (nats per token) over the unpruned model:
+measure how far its next-token distribution moves from the unpruned model's:
 
-    delta_i = loss(model with layer i's probe units removed) - loss(model)
+    kl_i    = mean over tokens of KL(p_dense || p_probe_i)       (nats per token)
+    delta_i = loss(probe_i) - loss(dense)                       (reported beside it)
 
-The per-layer layout ranks units across layers by their score normalised per layer
-(score / layer mean, see plan.py); sensitivity multiplies layer i's normalised scores by
+KL rather than the loss rise drives the allocation: it is never negative and, on the
+few hundred tokens this can afford, far less noisy (the loss rise of a mildly pruned
+layer is often below its noise and comes out negative). Each layer gets
 
-    weight_i = clip(sqrt(delta_i / mean_j(delta_j)), 1/2, 2)
+    weight_i = clip(sqrt(kl_i / mean_j(kl_j)), 1/2, 2)
 
-so a layer whose pruning hurts the loss four times the average keeps its units as if
-they scored twice as high. The square root and the bounds are deliberate: the probe
-measures one share per layer, and linear weights extrapolate that far beyond it (a layer
-that barely reacts to losing its share would be stripped to its last channel). The
-deltas, weights and the resulting counts go into the plan's provenance, so the
-allocation can be read and argued with.
+and the per-layer layout splits the attention and MLP totals over the layers in
+proportion to (units in the layer) / weight_i (plan.py): a layer four times as
+sensitive as the average gives up half the average share, one a quarter as sensitive
+twice the average share; the scores still choose which units within a layer. The square
+root and the bounds are deliberate: the probe measures one share per layer, and a
+steeper rule extrapolates far beyond it. The KLs, loss rises, weights and the resulting
+counts go into the plan's provenance, so the allocation can be read and argued with.
 
 Cost: the hidden states entering every layer are computed once and kept (layers x
-tokens x hidden), so probing layer i reruns only layers i..L-1 and the head: about
+tokens x hidden), as are the dense log-probabilities (tokens x vocabulary, float32),
+so probing layer i reruns only layers i..L-1 and the head: about
 L/2 + L * (head cost / layer cost) forward passes in all, on ``samples`` sequences.
 Units are removed by zeroing their o_proj / down_proj input features in a forward
 pre-hook (exactly equivalent to slicing them away); no weight is modified.
@@ -56,12 +60,20 @@ def _head(model):
     return norm, head
 
 
-def _loss(norm, head, h: torch.Tensor, ids: torch.Tensor) -> tuple[float, int]:
-    """(summed next-token NLL, tokens) of final hidden states ``h`` on ``ids``."""
-    logits = head(norm(h))[:, :-1].float()
-    tgt = ids[:, 1:].to(logits.device)
-    nll = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), tgt.reshape(-1), reduction="sum")
-    return float(nll), tgt.numel()
+def _logprobs(norm, head, h: torch.Tensor) -> torch.Tensor:
+    """Next-token log-probabilities (float32) at every position but the last."""
+    return torch.log_softmax(head(norm(h))[:, :-1].float(), dim=-1)
+
+
+def _nll(logp: torch.Tensor, ids: torch.Tensor) -> float:
+    """Summed next-token NLL of ``ids`` under ``logp``."""
+    tgt = ids[:, 1:].to(logp.device)
+    return -float(logp.gather(-1, tgt[..., None]).sum())
+
+
+def _kl(logp_ref: torch.Tensor, logp: torch.Tensor) -> float:
+    """Summed KL(ref || this) over positions."""
+    return float((logp_ref.exp() * (logp_ref - logp)).sum())
 
 
 class _ZeroInputs:
@@ -116,12 +128,9 @@ def layer_sensitivity(model, layout: ModelLayout, scores: list[dict], ids: torch
         hs = [[h for h, _ in batches]]
         for layer in tqdm(layers, desc="sensitivity (dense pass)", disable=not progress, leave=False):
             hs.append([layer(h, **kw) for h, kw in zip(hs[-1], kws)])
-        tot, n = 0.0, 0
-        for h, x in zip(hs[-1], id_batches):
-            a, b = _loss(norm, head, h, x)
-            tot, n = tot + a, n + b
-        base = tot / n
-        hs.pop()  # the final states are not needed any more
+        ref = [_logprobs(norm, head, h) for h in hs.pop()]     # the final states are not needed any more
+        n = sum(x.shape[0] * (x.shape[1] - 1) for x in id_batches)
+        base = sum(_nll(lp, x) for lp, x in zip(ref, id_batches)) / n
         out = []
         for i in tqdm(pruned, desc="sensitivity (per layer)", disable=not progress):
             k, m = counts[i]
@@ -132,20 +141,21 @@ def layer_sensitivity(model, layout: ModelLayout, scores: list[dict], ids: torch
                 hooks.append(_ZeroInputs(layers[i].self_attn.o_proj, q_rows(sorted(kv_rm), r, d)))
             if m:
                 hooks.append(_ZeroInputs(layers[i].mlp.down_proj, ch_rm))
-            tot, n = 0.0, 0
+            nll, kl = 0.0, 0.0
             try:
                 for j, x in enumerate(id_batches):
                     h = hs[i][j]
                     for layer in layers[i:]:
                         h = layer(h, **kws[j])
-                    a, b = _loss(norm, head, h, x)
-                    tot, n = tot + a, n + b
+                    lp = _logprobs(norm, head, h)
+                    nll += _nll(lp, x)
+                    kl += _kl(ref[j], lp)
             finally:
                 for hk in hooks:
                     hk.remove()
-            out.append({"layer": i, "probe_kv_removed": k, "probe_mlp_removed": int(m), "loss": tot / n,
-                        "delta": tot / n - base})
-        del hs
+            out.append({"layer": i, "probe_kv_removed": k, "probe_mlp_removed": int(m), "kl": kl / n,
+                        "loss": nll / n, "delta": nll / n - base})
+        del hs, ref
     finally:
         model.train(was)
     rep = {"base_loss": base, "tokens": int(ids.numel()), "samples": int(ids.shape[0]), "layers": out,
@@ -157,17 +167,16 @@ def layer_sensitivity(model, layout: ModelLayout, scores: list[dict], ids: torch
 
 
 def sensitivity_weights(rep: dict) -> dict[int, float]:
-    """layer -> clip(sqrt(delta / mean(delta)), *WEIGHT_BOUNDS) (see module doc); negative deltas count as 0.
+    """layer -> clip(sqrt(kl / mean(kl)), *WEIGHT_BOUNDS) (see module doc).
 
     (The report keeps them per layer entry, as ``weight``: JSON has no integer keys.)
     """
-    deltas = {x["layer"]: x["delta"] for x in rep["layers"]}
-    pos = [max(v, 0.0) for v in deltas.values()]
-    mean = sum(pos) / len(pos) if pos else 0.0
-    if mean <= 0:  # no layer hurts: nothing to tell them apart
-        return {i: 1.0 for i in deltas}
+    kls = {x["layer"]: max(x["kl"], 0.0) for x in rep["layers"]}
+    mean = sum(kls.values()) / len(kls) if kls else 0.0
+    if mean <= 0:  # no layer moves the output: nothing to tell them apart
+        return {i: 1.0 for i in kls}
     lo, hi = WEIGHT_BOUNDS
-    return {i: min(hi, max(lo, math.sqrt(max(v, 0.0) / mean))) for i, v in deltas.items()}
+    return {i: min(hi, max(lo, math.sqrt(v / mean))) for i, v in kls.items()}
 
 
 def summary_line(rep: dict) -> str:
@@ -175,5 +184,5 @@ def summary_line(rep: dict) -> str:
     ranked = sorted(w.items(), key=lambda kv: -kv[1])
     top = ", ".join(f"{i} (x{v:.2f})" for i, v in ranked[:3])
     low = ", ".join(f"{i} (x{v:.2f})" for i, v in ranked[-3:])
-    return (f"sensitivity allocation: calibration loss {rep['base_loss']:.3f} nats/token on {rep['tokens']:,} tokens; "
-            f"most sensitive layers {top}; least {low}")
+    return (f"sensitivity allocation (KL of each layer's probe on {rep['tokens']:,} calibration tokens): most "
+            f"sensitive layers {top}; least {low} (weight w: the layer gives up 1/w of the average fraction)")
