@@ -66,6 +66,8 @@ def parse_args(argv=None):
     p.add_argument("--tasks", default=TASKS)
     p.add_argument("--limit", type=int, default=200, help="zero-shot examples per task")
     p.add_argument("--no-zeroshot", action="store_true")
+    p.add_argument("--finish-merge", action="store_true",
+                   help="merge + evaluate the configs in the existing .json that were fine-tuned but not merged")
     p.add_argument("--report-only", action="store_true", help="rewrite the .md from the existing .json and exit")
     return p.parse_args(argv)
 
@@ -230,17 +232,26 @@ def main(argv=None) -> int:
     root = Path(args.root)
     root.mkdir(parents=True, exist_ok=True)
     out_stem = Path(args.out)
-    state = {"date": _dt.datetime.now().astimezone().isoformat(timespec="seconds"),
+    if args.finish_merge:
+        state = json.loads(Path(args.out + ".json").read_text())
+        model, tok = load_model(state["args"]["model"], dtype=torch.float32, device="cpu")
+        del model
+        args.ppl_tokens, args.limit, args.no_zeroshot = (state["args"]["ppl_tokens"], state["args"]["limit"],
+                                                         state["args"]["no_zeroshot"])
+        ids = tokenize_corpus(tok, load_text_corpus("wikitext2", "test").text)[: args.ppl_tokens]
+        tasks = state["args"]["tasks"].split(",")
+    state = state if args.finish_merge else {"date": _dt.datetime.now().astimezone().isoformat(timespec="seconds"),
              "command": "GQAPRUNE_DATA_DIR=" + os.environ["GQAPRUNE_DATA_DIR"] + " python "
                         + " ".join(shlex.quote(x) for x in [os.path.relpath(__file__, REPO)] + sys.argv[1:]),
              "machine": machine_info(), "args": vars(args), "dense": {}, "configs": [], "finished": None}
     cfgs = []
-    for spec in args.configs.split(","):
-        ratio, layout = spec.split(":")
-        name = f"{round(float(ratio) * 100)}% {layout}"
-        cfgs.append((float(ratio), layout, name))
-        state["configs"].append({"name": name, "ratio": float(ratio), "layout": layout})
-    tasks = args.tasks.split(",")
+    if not args.finish_merge:
+        for spec in args.configs.split(","):
+            ratio, layout = spec.split(":")
+            name = f"{round(float(ratio) * 100)}% {layout}"
+            cfgs.append((float(ratio), layout, name))
+            state["configs"].append({"name": name, "ratio": float(ratio), "layout": layout})
+        tasks = args.tasks.split(",")
     write_report(state, out_stem)
     t_all = time.perf_counter()
 
@@ -257,18 +268,19 @@ def main(argv=None) -> int:
         return r
 
     # -- dense (once)
-    say("dense: load")
-    model, tok = load_model(args.model, dtype=torch.float32, device="cpu")
-    ids = tokenize_corpus(tok, load_text_corpus("wikitext2", "test").text)[: args.ppl_tokens]
-    t = time.perf_counter()
-    state["dense"]["ppl"] = ppl(model, tok, ids)
-    say(f"dense PPL {state['dense']['ppl']['ppl']:.3f} on {state['dense']['ppl']['n_tokens']} tokens "
-        f"({time.perf_counter() - t:.0f} s)")
-    write_report(state, out_stem)
-    state["dense"]["zeroshot"] = zs(model, tok)
-    write_report(state, out_stem)
-    del model
-    gc.collect()
+    if not args.finish_merge:
+        say("dense: load")
+        model, tok = load_model(args.model, dtype=torch.float32, device="cpu")
+        ids = tokenize_corpus(tok, load_text_corpus("wikitext2", "test").text)[: args.ppl_tokens]
+        t = time.perf_counter()
+        state["dense"]["ppl"] = ppl(model, tok, ids)
+        say(f"dense PPL {state['dense']['ppl']['ppl']:.3f} on {state['dense']['ppl']['n_tokens']} tokens "
+            f"({time.perf_counter() - t:.0f} s)")
+        write_report(state, out_stem)
+        state["dense"]["zeroshot"] = zs(model, tok)
+        write_report(state, out_stem)
+        del model
+        gc.collect()
 
     class TimeBudget(TrainerCallback):
         """Stop at an optimizer-step boundary once the training loop has run ``budget`` seconds."""
@@ -286,6 +298,39 @@ def main(argv=None) -> int:
             elif s.global_step % 10 == 0:
                 say(f"  step {s.global_step} ({time.perf_counter() - self.t0:.0f} s)")
             return control
+
+    def merge_and_eval(rec, d):
+        """merge_and_save_lora, then PPL/zero-shot of the saved merge. If the library refuses the merge (its
+        logit check), record the refusal and evaluate PEFT's merge_and_unload in memory instead, labelled so."""
+        from gqaprune.errors import GQAPruneError
+
+        try:
+            mres = merge_and_save_lora(str(d / "pruned"), str(d / "lora"), str(d / "merged"), device="cpu",
+                                       overwrite=True)
+            rec["merge"] = mres.to_dict()
+            model, tok = load_model(str(d / "merged"), dtype=torch.float32, device="cpu")
+            rec["merged_source"] = "merged checkpoint reloaded from disk"
+        except GQAPruneError as e:
+            say(f"  merge_and_save_lora refused: {e}")
+            rec["merge_error"] = str(e)
+            model, tok = load_with_adapter(str(d / "pruned"), str(d / "lora"), dtype=torch.float32, device="cpu")
+            model = model.merge_and_unload()
+            rec["merged_source"] = "PEFT merge_and_unload in memory (merge_and_save_lora refused to save)"
+        rec["ppl_merged"] = ppl(model, tok, ids)
+        say(f"  merged PPL {rec['ppl_merged']['ppl']:.3f} ({rec['merged_source']})")
+        write_report(state, out_stem)
+        rec["zs_merged"] = zs(model, tok)
+        write_report(state, out_stem)
+        del model
+        gc.collect()
+
+    if args.finish_merge:  # configs fine-tuned by an earlier invocation whose merge step did not finish
+        for rec in state["configs"]:
+            if rec.get("finetune") and not rec.get("ppl_merged"):
+                merge_and_eval(rec, root / f"r{round(rec['ratio'] * 100)}_{rec['layout']}")
+        state["finish_merge_command"] = "python " + " ".join(shlex.quote(x) for x in sys.argv)
+        write_report(state, out_stem)
+        return 0
 
     for (ratio, layout, name), rec in zip(cfgs, state["configs"]):
         slug = f"r{round(ratio * 100)}_{layout}"
@@ -324,17 +369,7 @@ def main(argv=None) -> int:
         say(f"  adapter PPL {rec['ppl_adapter']['ppl']:.3f}")
         del model
         gc.collect()
-        mres = merge_and_save_lora(str(d / "pruned"), str(d / "lora"), str(d / "merged"), device="cpu",
-                                   overwrite=True)
-        rec["merge"] = mres.to_dict()
-        model, tok = load_model(str(d / "merged"), dtype=torch.float32, device="cpu")
-        rec["ppl_merged"] = ppl(model, tok, ids)
-        say(f"  merged PPL {rec['ppl_merged']['ppl']:.3f}")
-        write_report(state, out_stem)
-        rec["zs_merged"] = zs(model, tok)
-        write_report(state, out_stem)
-        del model
-        gc.collect()
+        merge_and_eval(rec, d)
         say(f"== {name} done ({time.perf_counter() - t_all:.0f} s since start)")
 
     state["finished"] = _dt.datetime.now().astimezone().isoformat(timespec="seconds")
