@@ -122,3 +122,35 @@ def test_assign_by_weights_caps_and_redistributes():
     assert sum(rm.values()) == 280 and rm[0] == 99 and rm[1] > rm[2]
     rm = _assign_by_weights({0: 3, 1: 3, 2: 3}, {0: 1, 1: 1, 2: 1}, 2, {0: 2.0, 1: 1.0, 2: 0.5})  # KV granularity
     assert rm == {0: 0, 1: 1, 2: 1} or rm == {0: 0, 1: 0, 2: 2}
+
+
+@pytest.mark.parametrize("layout_kind", ["uniform", "per-layer"])
+def test_kv_fraction_sets_the_split(layout_kind):
+    m = make_tiny_model(num_key_value_heads=4, num_attention_heads=8)
+    lay = model_layout(m)
+    scores = score_units(m, lay, "magnitude", None)
+    for f, kv_kept in ((0.0, 8), (0.25, 6), (0.5, 4)):
+        plan = make_plan(lay, scores, Budget(ratio=0.3), layout_kind=layout_kind, kv_fraction=f)
+        assert sum(plan.kept_kv) == kv_kept
+        assert abs(plan.provenance["params_after"] - lay.total_params * 0.7) <= lay.channel_params * lay.num_layers
+    with pytest.raises(GQAPruneError):   # removing 3 of 4 groups per layer overshoots a 5% budget
+        make_plan(lay, scores, Budget(ratio=0.05), layout_kind=layout_kind, kv_fraction=0.75)
+
+
+def test_split_search_keeps_the_least_disturbing_plan():
+    m = make_tiny_model(num_key_value_heads=4, num_attention_heads=8, num_hidden_layers=2)
+    lay = model_layout(m)
+    o = PruneOptions(pruning_ratio=0.3, criterion="taylor", split="search", sensitivity_samples=4, calib_batch_size=4)
+    pruned, plan = prune_model(copy.deepcopy(m), o, CALIB, progress=False)
+    rep = plan.provenance["split_search"][0]
+    cands = [c for c in rep["candidates"] if "kl" in c]
+    assert len(cands) >= 2 and rep["tokens"] == 4 * 31
+    best = min(cands, key=lambda c: c["kl"])
+    assert rep["chosen_kv_fraction"] == best["kv_fraction"]
+    assert sum(s.n_kv for s in lay.layers) - sum(plan.kept_kv) == best["kv_groups_removed"]
+    # the recorded KL is the real one: recompute it with the sliced model
+    with torch.no_grad():
+        p = torch.log_softmax(m(input_ids=CALIB[:4]).logits[:, :-1].float(), -1)
+        q = torch.log_softmax(pruned(input_ids=CALIB[:4]).logits[:, :-1].float(), -1)
+    assert abs(float((p.exp() * (p - q)).sum(-1).mean()) - best["kl"]) < 1e-5
+    assert count_params(pruned) == plan.provenance["params_after"]

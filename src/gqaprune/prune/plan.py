@@ -185,12 +185,13 @@ def _kept_mlp_options(n_mlp: int, removed: float, min_mlp: int, round_to: int | 
 
 
 def solve_counts(layout: ModelLayout, removed: int, pruned: list[int], min_mlp: int,
-                 round_mlp_to: int | None) -> tuple[int, int]:
+                 round_mlp_to: int | None, kv_fraction: float | None = None) -> tuple[int, int]:
     """(KV groups removed, MLP channels removed) *per pruned layer* for the uniform layout.
 
     Among all feasible splits, the one whose achieved total is nearest the budget and,
     among those within one MLP-rounding step of it, whose attention and MLP fractions
-    removed are most alike.
+    removed are most alike; with ``kv_fraction``, the split that removes that fraction of
+    the KV groups (the MLP absorbs the rest of the budget).
     """
     L = len(pruned)
     s0 = layout.layers[pruned[0]]
@@ -200,7 +201,10 @@ def solve_counts(layout: ModelLayout, removed: int, pruned: list[int], min_mlp: 
     A, M = layout.group_params, layout.channel_params
     step = M * L * (round_mlp_to or 1)
     cands = []
-    for k in range(0, s0.n_kv):              # keep >= 1 group
+    ks = range(0, s0.n_kv) if kv_fraction is None else [round(kv_fraction * s0.n_kv)]
+    for k in ks:                              # keep >= 1 group
+        if not 0 <= k < s0.n_kv:
+            continue
         per_layer_mlp = (removed / L - k * A) / M
         for kept in _kept_mlp_options(s0.n_mlp, per_layer_mlp, min_mlp, round_mlp_to):
             m = s0.n_mlp - kept
@@ -240,7 +244,8 @@ def check_budget(layout: ModelLayout, budget: Budget, keep_first: int = 0, keep_
 
 def make_plan(layout: ModelLayout, scores: list[dict], budget: Budget, *, layout_kind: str = "uniform",
               keep_first: int = 0, keep_last: int = 0, min_mlp: int = 1, round_mlp_to: int | None = None,
-              provenance: dict | None = None, layer_weights: dict[int, float] | None = None) -> PrunePlan:
+              provenance: dict | None = None, layer_weights: dict[int, float] | None = None,
+              kv_fraction: float | None = None) -> PrunePlan:
     """Choose the kept units per layer from scores and a budget.
 
     ``layer_weights`` (per-layer layout only): layer -> sensitivity weight (sensitivity.py).
@@ -248,6 +253,9 @@ def make_plan(layout: ModelLayout, scores: list[dict], budget: Budget, *, layout
     (units in the layer) / weight, instead of by ranking normalised scores across layers: a
     layer with weight 2 gives up half the average fraction of its units, one with weight
     1/2 twice the average. Which units go within a layer is still decided by the scores.
+
+    ``kv_fraction``: remove this fraction of the pruned layers' KV groups (rounded to whole
+    groups) and let the MLP absorb the rest of the budget, instead of balancing the two.
     """
     if layout_kind not in LAYOUTS:
         raise GQAPruneError(f"--layout {layout_kind}: choose one of {', '.join(LAYOUTS)}")
@@ -256,11 +264,12 @@ def make_plan(layout: ModelLayout, scores: list[dict], budget: Budget, *, layout
                             "layout removes the same counts from every layer")
     removed, pruned = check_budget(layout, budget, keep_first, keep_last, min_mlp)
     if layout_kind == "uniform":
-        k, m = solve_counts(layout, removed, pruned, min_mlp, round_mlp_to)
+        k, m = solve_counts(layout, removed, pruned, min_mlp, round_mlp_to, kv_fraction)
         kv_rm = {i: k for i in pruned}
         mlp_rm = {i: m for i in pruned}
     else:
-        kv_rm, mlp_rm = _per_layer_counts(layout, scores, removed, pruned, min_mlp, round_mlp_to, layer_weights)
+        kv_rm, mlp_rm = _per_layer_counts(layout, scores, removed, pruned, min_mlp, round_mlp_to, layer_weights,
+                                          kv_fraction)
     kv_keep, mlp_keep = [], []
     for i, (s, sc) in enumerate(zip(layout.layers, scores)):
         kv_keep.append(_top(sc["kv"], s.n_kv - kv_rm.get(i, 0)))
@@ -296,7 +305,7 @@ def _top(score: torch.Tensor, keep: int) -> list[int]:
     return sorted(order[:keep].tolist())
 
 
-def _per_layer_counts(layout, scores, removed, pruned, min_mlp, round_mlp_to, weights=None):
+def _per_layer_counts(layout, scores, removed, pruned, min_mlp, round_mlp_to, weights=None, kv_fraction=None):
     """Global totals split like the uniform case, then assigned by per-layer-normalised scores."""
     A, M = layout.group_params, layout.channel_params
     n_kv_all = sum(layout.layers[i].n_kv for i in pruned)
@@ -304,7 +313,10 @@ def _per_layer_counts(layout, scores, removed, pruned, min_mlp, round_mlp_to, we
     kv_cap = sum(layout.layers[i].n_kv - 1 for i in pruned)
     mlp_cap = sum(layout.layers[i].n_mlp - max(min_mlp, 1) for i in pruned)
     best = None
-    for k in range(0, kv_cap + 1):
+    ks = range(0, kv_cap + 1) if kv_fraction is None else [round(kv_fraction * n_kv_all)]
+    for k in ks:
+        if not 0 <= k <= kv_cap:
+            continue
         m = round((removed - k * A) / M)
         if not 0 <= m <= mlp_cap:
             continue

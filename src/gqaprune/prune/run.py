@@ -15,7 +15,7 @@ from gqaprune.options import opt
 from gqaprune.prune.compensate import TARGETS as COMPENSATE_TARGETS
 from gqaprune.prune.importance import CRITERIA
 from gqaprune.prune.plan import LAYOUTS, Budget, PrunePlan, check_budget, finish_plan, make_plan
-from gqaprune.prune.sensitivity import ALLOCATIONS
+from gqaprune.prune.sensitivity import ALLOCATIONS, SPLITS
 from gqaprune.prune.structure import count_params, model_layout
 
 log = logging.getLogger(__name__)
@@ -68,8 +68,11 @@ class PruneOptions:
     allocation: str = opt("scores", "per-layer layout: scores = per-layer-normalised scores; sensitivity = also "
                           "weight each layer by its measured calibration-loss rise when pruned alone",
                           choices=ALLOCATIONS)
-    sensitivity_samples: int = opt(8, "calibration samples used to measure layer sensitivity "
-                                   "(--allocation sensitivity)")
+    split: str = opt("balanced", "attention vs MLP: balanced = both lose the same fraction of their units; search = "
+                     "try each share of KV groups removed (MLP takes the rest) and keep the plan whose output moves "
+                     "least on calibration samples (KL)", choices=SPLITS)
+    sensitivity_samples: int = opt(8, "calibration samples used to measure layer sensitivity and to compare "
+                                   "splits (--allocation sensitivity, --split search)")
 
 
 @dataclass
@@ -126,6 +129,8 @@ def check_options(opts: PruneOptions) -> None:
         raise GQAPruneError(f"--allocation {opts.allocation}: choose one of {', '.join(ALLOCATIONS)}")
     if opts.allocation == "sensitivity" and opts.layout != "per-layer" and opts.plan is None:
         raise GQAPruneError("--allocation sensitivity sets per-layer budgets: use it with --layout per-layer")
+    if opts.split not in SPLITS:
+        raise GQAPruneError(f"--split {opts.split}: choose one of {', '.join(SPLITS)}")
     if opts.sensitivity_samples < 1:
         raise GQAPruneError(f"--sensitivity-samples {opts.sensitivity_samples}: must be at least 1")
     if opts.compensate_target not in COMPENSATE_TARGETS:
@@ -135,14 +140,15 @@ def check_options(opts: PruneOptions) -> None:
         raise GQAPruneError(f"--compensate-ridge {opts.compensate_ridge}: must be >= 0")
     if not 0 <= opts.compensate_holdout < 1:
         raise GQAPruneError(f"--compensate-holdout {opts.compensate_holdout}: must be in [0, 1)")
-    if opts.plan is not None and (opts.steps > 1 or opts.allocation != "scores"):
-        raise GQAPruneError("--plan replays a saved plan: --steps and --allocation only apply when scoring")
+    if opts.plan is not None and (opts.steps > 1 or opts.allocation != "scores" or opts.split != "balanced"):
+        raise GQAPruneError("--plan replays a saved plan: --steps, --allocation and --split only apply when scoring")
 
 
 def needs_calibration(opts: PruneOptions) -> bool:
     if opts.plan is not None:
         return opts.compensate
-    return opts.criterion not in ("magnitude", "random") or opts.compensate or opts.allocation == "sensitivity"
+    return opts.criterion not in ("magnitude", "random") or opts.compensate or opts.allocation == "sensitivity" \
+        or opts.split == "search"
 
 
 def _compensate(model, plan, ids, opts, progress):
@@ -169,11 +175,11 @@ def prune_model(model, opts: PruneOptions, ids: torch.Tensor | None, *, scores: 
     layout0 = model_layout(model)
     budget = Budget(opts.pruning_ratio, opts.target_params)
     removed, pruned_layers = check_budget(layout0, budget, opts.keep_first, opts.keep_last, opts.min_mlp)
-    if (opts.compensate or opts.allocation == "sensitivity" or opts.criterion not in ("magnitude", "random")) \
-            and ids is None:
+    if needs_calibration(opts) and ids is None:
         raise GQAPruneError("internal: calibration ids are needed for these options")
     prov = dict(provenance or {})
-    prov.update({"steps": opts.steps, "allocation": opts.allocation if opts.layout == "per-layer" else None})
+    prov.update({"steps": opts.steps, "allocation": opts.allocation if opts.layout == "per-layer" else None,
+                 "split": opts.split})
     weights = None
     if opts.allocation == "sensitivity":
         from gqaprune.prune.sensitivity import layer_sensitivity
@@ -188,7 +194,7 @@ def prune_model(model, opts: PruneOptions, ids: torch.Tensor | None, *, scores: 
                                             batch_size=opts.calib_batch_size, progress=progress)
         weights = {x["layer"]: x["weight"] for x in sensitivity["layers"]}
         prov["sensitivity"] = sensitivity
-    comp_reports, step_log = [], []
+    comp_reports, step_log, split_reports = [], [], []
     kv_orig = [list(range(s.n_kv)) for s in layout0.layers]     # current unit j of layer i = original kv_orig[i][j]
     mlp_orig = [list(range(s.n_mlp)) for s in layout0.layers]
     cur = model
@@ -202,9 +208,21 @@ def prune_model(model, opts: PruneOptions, ids: torch.Tensor | None, *, scores: 
             cur, lay, opts.criterion, ids, seed=opts.seed + k - 1, batch_size=opts.calib_batch_size,
             use_hooks=not opts.no_hooks, progress=progress)
         step_budget = budget if opts.steps == 1 else Budget(target_params=keep_k)
-        plan_k = make_plan(lay, sc, step_budget, layout_kind=opts.layout, keep_first=opts.keep_first,
-                           keep_last=opts.keep_last, min_mlp=opts.min_mlp, round_mlp_to=opts.round_mlp_to,
-                           provenance=prov, layer_weights=weights)
+
+        def make(kv_fraction=None, lay=lay, sc=sc, step_budget=step_budget):
+            return make_plan(lay, sc, step_budget, layout_kind=opts.layout, keep_first=opts.keep_first,
+                             keep_last=opts.keep_last, min_mlp=opts.min_mlp, round_mlp_to=opts.round_mlp_to,
+                             provenance=prov, layer_weights=weights, kv_fraction=kv_fraction)
+
+        if opts.split == "search":
+            from gqaprune.prune.sensitivity import search_split
+
+            plan_k, srep = search_split(cur, lay, make, ids[: opts.sensitivity_samples],
+                                        batch_size=opts.calib_batch_size)
+            srep["step"] = k
+            split_reports.append(srep)
+        else:
+            plan_k = make()
         if opts.compensate:
             rep = _compensate(cur, plan_k, ids, opts, progress)
             rep["step"] = k
@@ -219,6 +237,8 @@ def prune_model(model, opts: PruneOptions, ids: torch.Tensor | None, *, scores: 
         prov["step_log"] = step_log
     if comp_reports:
         prov["compensation"] = comp_reports
+    if split_reports:
+        prov["split_search"] = split_reports
     plan = finish_plan(layout0, kv_orig, mlp_orig, budget, removed, pruned_layers, layout_kind=opts.layout,
                        min_mlp=opts.min_mlp, round_mlp_to=opts.round_mlp_to, provenance=prov)
     return cur, plan
@@ -235,6 +255,11 @@ def notes_for(plan: PrunePlan) -> list[str]:
                    + " -> ".join(sizes))
     if prov.get("sensitivity"):
         out.append(sensitivity.summary_line(prov["sensitivity"]))
+    for rep in prov.get("split_search", []):
+        step = f"step {rep['step']}: " if prov.get("steps", 1) > 1 else ""
+        cands = ", ".join(f"{c['kv_fraction']:.0%} -> {c['kl']:.4f}" for c in rep["candidates"] if "kl" in c)
+        out.append(f"{step}split search (share of KV groups removed -> KL per token on {rep['tokens']:,} calibration "
+                   f"tokens): {cands}; chose {rep['chosen_kv_fraction']:.0%}")
     for rep in prov.get("compensation", []):
         step = f"step {rep['step']}: " if prov.get("steps", 1) > 1 else ""
         out.append(step + compensate.summary_line(rep))
