@@ -431,6 +431,53 @@ def _g(x: float) -> str:
     return f"{x:.2f}" if x < 100 else f"{x:,.0f}"
 
 
+def findings(data: dict) -> list[str]:
+    """Statements computed from the numbers (so a re-run with other numbers cannot contradict them)."""
+    meta, dense = data["meta"], data["dense"]
+    w0 = str(meta["windows"][0])
+    ok = [r for r in data["rows"] if "ppl" in r]
+    if not ok:
+        return []
+
+    def x(r):
+        return r["ppl"][w0]["ppl"] / dense["ppl"][w0]["ppl"]
+
+    out = ["## Findings (computed from the table, window " + w0 + ")", ""]
+    for ratio in meta["ratios"]:
+        for lay in meta["layouts"]:
+            rs = sorted((r for r in ok if r["ratio"] == ratio and r["layout"] == lay), key=x)
+            if rs:
+                out.append(f"- {ratio:.0%} {lay}: best {rs[0]['criterion']} (x{_g(x(rs[0]))} dense), order: "
+                           + " < ".join(f"{r['criterion']} ({_g(x(r))})" for r in rs) + ".")
+    same = [(a, b) for a in ok if a["criterion"] == "taylor" for b in ok
+            if b["criterion"] == "taylor-second" and (b["layout"], b["ratio"]) == (a["layout"], a["ratio"])]
+    if same:
+        n_eq = sum(all(a["ppl"][w]["ppl"] == b["ppl"][w]["ppl"] for w in a["ppl"]) for a, b in same)
+        out.append(f"- taylor-second gave exactly taylor's perplexities (so the same kept units) in {n_eq} of "
+                   f"{len(same)} configurations: its added term, (w·g)²/2, is second order in the already small "
+                   "w·g. It costs more time to score.")
+    pairs = [(a, b) for a in ok if a["criterion"] == "magnitude" for b in ok
+             if b["criterion"] == "random" and (b["layout"], b["ratio"]) == (a["layout"], a["ratio"])]
+    worse = [a for a, b in pairs if x(a) > x(b)]
+    if pairs:
+        out.append(f"- magnitude (L2, data-free) is worse than random in {len(worse)} of {len(pairs)} "
+                   "configurations here (one-shot, no fine-tuning).")
+    for ratio in meta["ratios"]:
+        best = min((r for r in ok if r["ratio"] == ratio), key=x, default=None)
+        for tr in data.get("tp", {}).get("rows", []):
+            if tr["target_ratio"] != ratio or "ppl" not in tr or best is None:
+                continue
+            xt = tr["ppl"][w0]["ppl"] / dense["ppl"][w0]["ppl"]
+            out.append(f"- {ratio:.0%}: Torch-Pruning {tr['importance']} x{_g(xt)} dense at {tr['params']:,} params "
+                       f"({(tr['params'] - tr['target_params']) / tr['target_params']:+.2%} vs gqaprune's count) vs "
+                       f"gqaprune's best here, {best['criterion']} {best['layout']}, x{_g(x(best))} "
+                       f"({max(xt, x(best)) / min(xt, x(best)):.1f}x {'worse' if xt > x(best) else 'better'}); its "
+                       f"Q:KV is "
+                       f"{'/'.join(f'{q / k:g}' for q, k in sorted(set(zip(tr['q_heads'], tr['kv_heads']))))}.")
+    out.append("")
+    return out
+
+
 def render(data: dict) -> str:
     meta, dense = data["meta"], data["dense"]
     windows = [str(w) for w in meta["windows"]]
@@ -575,6 +622,7 @@ def render(data: dict) -> str:
                  f"The benchmark process itself peaked at {_f(meta.get('peak_rss_self_mb'), 0)} MiB "
                  "(it holds the dense model plus one pruned copy at a time, and Torch-Pruning's copies).")
         L.append("")
+    L.extend(findings(data))
     L.append("## Notes")
     L.append("")
     ntok = dense["ppl"][windows[0]]["n_tokens"]
