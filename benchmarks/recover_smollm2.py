@@ -116,24 +116,31 @@ def write_report(state: dict, out_stem: Path) -> None:
     tasks = a["tasks"].split(",")
     dense = state.get("dense", {})
     L = ["# LoRA recovery of pruned SmolLM2-135M (fp32, CPU)", ""]
-    L += [f"- **Date:** {state['date']} (finished: {state.get('finished') or 'run in progress / cut short'})",
+    L += [f"- **Date:** {state['date']} (finished: {state.get('finished') or 'cut short for time'})",
           f"- **Machine:** {m['cpu']}, {m['cores_visible']} cores visible, torch {m['torch_threads']} threads, "
           f"load average at start {m['loadavg_start']} (the cores are shared with other jobs, so timings are "
           f"noisy and pessimistic); Python {m['python']}, torch {m['torch']}, transformers {m['transformers']}, "
           f"peft {m['peft']}",
           f"- **Command:** `{state['command']}`",
+          *([f"- **Completed by:** `{state['finish_merge_command']}` (the first command stopped with an exception "
+             "when merge_and_save_lora refused a merge, before this script had its fallback; the second "
+             "recomputed the adapter PPL, retried the library merge (refused again, recorded below) and "
+             "evaluated PEFT's in-memory merge)"] if state.get("finish_merge_command") else []),
           f"- **Model:** `{a['model']}` (SmolLM2-135M-Instruct GGUF de-quantized to fp32), CPU",
           f"- **Pruning:** `prune()` Taylor criterion, Alpaca-cleaned calibration, {a['num_samples']} samples x 128 "
           "tokens; ratio = fraction of total parameters removed; each pruned checkpoint saved",
           f"- **LoRA:** r 8, alpha 16, dropout 0.05, targets q,k,v,o,gate,up,down; micro batch 4, global batch 4 "
           f"(one micro batch per optimizer step, no accumulation); cutoff 256; lr {a['learning_rate']:g} "
+          "(not the guide's 5e-5, which is tuned for 128-sequence batches; with batch 4 and at most 200 steps a "
+          "LoRA at 5e-5 barely moves, and 2e-4 is near alpaca-lora's 3e-4 default) "
           f"(linear warmup {a['warmup_steps']} steps, linear decay planned over {a['max_steps']} steps); "
           f"{a['max_train_samples']} Alpaca records tokenised, {a['val_set_size']} held out for the val loss; "
           f"extra_val_dataset wikitext2 capped at {a['extra_val_max_tokens']} tokens (evaluated at step 0 and the "
           "end only)",
           f"- **Planned steps:** {a['max_steps']}" + (
-              f"; each fine-tuning run was stopped after {a['train_budget_s']:.0f} s of training loop "
-              "(time budget of this shared machine), so the steps column says how many actually ran"
+              f"; each fine-tuning run was stopped at the first optimizer-step boundary after {a['train_budget_s']:.0f} "
+              "s of wall time since training began (time budget of this shared machine), so the steps column "
+              "says how many actually ran"
               if a.get("train_budget_s") else ""),
           f"- **Perplexity:** WikiText-2 raw test, window 128, stride 128, the first {a['ppl_tokens']:,} tokens "
           "of the test stream (same tokens for every model)",
@@ -169,7 +176,8 @@ def write_report(state: dict, out_stem: Path) -> None:
                  f"{_f(ft['train_seconds'] / ft['global_step'] if ft.get('global_step') else None, '{:.1f}')} | "
                  f"{_f(ft.get('wall_seconds'), '{:.0f}')} |")
     L += ["", "PPL adapter = pruned checkpoint + PEFT adapter (unmerged); PPL merged = the merged checkpoint "
-          "reloaded from disk. tokens/s = non-pad tokens fed forward / training-loop seconds (evaluations and "
+          "reloaded from disk, or, where merge_and_save_lora refused (see In-run records), PEFT's "
+          "merge_and_unload of the same adapter in memory. tokens/s = non-pad tokens fed forward / training-loop seconds (evaluations and "
           "checkpoint saves excluded); s / step = training-loop seconds / optimizer steps; LoRA wall = the whole "
           "finetune() call including its step-0 and final evaluations.", ""]
     if not a["no_zeroshot"]:
@@ -199,10 +207,15 @@ def write_report(state: dict, out_stem: Path) -> None:
                     f"{pa['ppl']:.3f}" if pb and pa else "")
                  + (f"; merge check max |logit diff| {c['merge']['max_abs_diff']:.3g} (tolerance "
                     f"{c['merge']['tolerance']:.3g})" if c.get("merge") else "")
-                 + f"; prune wall {c.get('prune_wall_s', 0):.0f} s")
+                 + f"; prune wall {c.get('prune_wall_s', 0):.0f} s"
+                 + (f"; PPL merged measured on: {c['merged_source']}" if c.get("merged_source") else ""))
+        if c.get("merge_error"):
+            L.append(f"  - **merge_and_save_lora refused to save the merge:** {c['merge_error']}")
     not_run = [c["name"] for c in state["configs"] if not c.get("finetune")]
     if not_run:
         L += ["", "Not run (time): " + ", ".join(not_run) + "."]
+    if not state.get("finished"):
+        L += ["", "The run was cut short for time after the configurations shown; nothing above is extrapolated."]
     L += ["", f"Checkpoints: `{a['root']}/<config>/{{pruned,lora,merged}}` (not committed).", ""]
     Path(str(out_stem) + ".md").write_text("\n".join(L))
 
@@ -327,6 +340,15 @@ def main(argv=None) -> int:
     if args.finish_merge:  # configs fine-tuned by an earlier invocation whose merge step did not finish
         for rec in state["configs"]:
             if rec.get("finetune") and not rec.get("ppl_merged"):
+                d = root / f"r{round(rec['ratio'] * 100)}_{rec['layout']}"
+                if not rec.get("ppl_adapter"):
+                    model, tok = load_with_adapter(str(d / "pruned"), str(d / "lora"), dtype=torch.float32,
+                                                   device="cpu")
+                    rec["ppl_adapter"] = ppl(model, tok, ids)
+                    say(f"  adapter PPL {rec['ppl_adapter']['ppl']:.3f}")
+                    write_report(state, out_stem)
+                    del model
+                    gc.collect()
                 merge_and_eval(rec, root / f"r{round(rec['ratio'] * 100)}_{rec['layout']}")
         state["finish_merge_command"] = "python " + " ".join(shlex.quote(x) for x in sys.argv)
         write_report(state, out_stem)
@@ -367,6 +389,7 @@ def main(argv=None) -> int:
         model, tok = load_with_adapter(str(d / "pruned"), str(d / "lora"), dtype=torch.float32, device="cpu")
         rec["ppl_adapter"] = ppl(model, tok, ids)
         say(f"  adapter PPL {rec['ppl_adapter']['ppl']:.3f}")
+        write_report(state, out_stem)
         del model
         gc.collect()
         merge_and_eval(rec, d)
