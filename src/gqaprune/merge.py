@@ -254,8 +254,11 @@ def merge_and_save_lora(pruned_model: str | None, lora_dir: str | None, output_d
     diff = float((got - ref).abs().max())
     max_logit = float(ref.abs().max())
     # fp32: W x + s B A x and (W + s B A) x differ only by rounding, ~1e-6 relative per
-    # layer; 1e-4 of the logit scale leaves room for depth while catching a wrong merge.
-    tol = 1e-4 * max(1.0, max_logit)
+    # layer, but a deep, badly damaged (heavily pruned) model amplifies it: seen 2e-4 of the
+    # logit scale on SmolLM2 pruned 50%. A wrong merge (wrong scale, transposed or missing
+    # factors) moves logits by about the adapter's own effect. So allow up to 1e-3 of the
+    # logit scale, but never more than a tenth of what the adapter changes, and at least 1e-4.
+    tol = max(1e-4 * max(1.0, max_logit), min(1e-3 * max(1.0, max_logit), 0.1 * effect))
     if not diff <= tol:
         raise GQAPruneError(
             f"--lora_dir {lora}: the merged model's logits differ from the adapter model's by {diff:.3g} "
