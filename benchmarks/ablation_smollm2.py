@@ -14,10 +14,9 @@ rows in the JSON are kept and skipped when it is started again):
 
 The grid is staged so the expensive parts run only where they can matter:
   1. criterion (taylor, magnitude, activation) x compensation (off, on), uniform layout;
-  2. taylor and the best stage-1 criterion: per-layer layout, plain and with
-     sensitivity allocation, x compensation (off, on);
-  3. the best configuration so far at each ratio with --steps (re-scored between steps),
-     and with the other compensation target;
+  2. taylor: uniform with the attention/MLP split searched, per-layer, per-layer with
+     sensitivity allocation, and both; compensation on for the two best of these;
+  3. the best configuration so far at each ratio with --steps (re-scored between steps);
   4. the best configuration at each ratio with calibration seed 1 (robustness).
 Efficiency: the dense model is loaded once, WikiText-2 tokenised once, each criterion
 scored once per calibration seed (scores do not depend on layout or ratio), each
@@ -166,13 +165,14 @@ class Ablation:
 
     # ------------------------------------------------------------------ one row
     def run(self, stage: int, ratio: float, criterion: str, layout: str = "uniform", allocation: str = "scores",
-            compensate: bool = False, steps: int = 1, target: str = "layer", seed: int = 0) -> dict:
+            split: str = "balanced", compensate: bool = False, steps: int = 1, target: str = "layer",
+            seed: int = 0) -> dict:
         import torch
 
         from gqaprune.evaluate.perplexity import perplexity_of_ids
         from gqaprune.prune.run import PruneOptions, prune_model
 
-        cfg = {"ratio": ratio, "criterion": criterion, "layout": layout, "allocation": allocation,
+        cfg = {"ratio": ratio, "criterion": criterion, "layout": layout, "allocation": allocation, "split": split,
                "compensate": compensate, "steps": steps, "target": target if compensate else None, "seed": seed}
         key = key_of(cfg)
         if key in self.done:
@@ -181,7 +181,7 @@ class Ablation:
         ids, calib_desc = self.calib(seed)
         scores = self.get_scores(criterion, seed)
         opts = PruneOptions(pruning_ratio=ratio, criterion=criterion, layout=layout, allocation=allocation,
-                            compensate=compensate, compensate_target=target, steps=steps, seed=seed,
+                            split=split, compensate=compensate, compensate_target=target, steps=steps, seed=seed,
                             calib_batch_size=a.batch_size, num_samples=a.num_samples, seq_len=a.seq_len,
                             sensitivity_samples=a.sensitivity_samples)
         t = time.perf_counter()
@@ -207,6 +207,10 @@ class Ablation:
         if prov.get("sensitivity"):
             row["sensitivity"] = {x["layer"]: round(x["weight"], 3) for x in prov["sensitivity"]["layers"]}
             row["sensitivity_seconds"] = prov["sensitivity"]["seconds"]
+        if prov.get("split_search"):
+            row["split_search"] = [{"step": r["step"], "chosen_kv_fraction": r["chosen_kv_fraction"],
+                                    "candidates": r["candidates"], "seconds": r["seconds"]}
+                                   for r in prov["split_search"]]
         if prov.get("step_log"):
             row["step_log"] = [{k: v for k, v in s.items() if k in ("step", "params_after", "skipped")}
                                for s in prov["step_log"]]
@@ -227,8 +231,13 @@ class Ablation:
 
 
 def config_of(r: dict) -> dict:
-    return {k: r[k] for k in ("criterion", "layout", "allocation", "compensate", "steps")} | \
+    return {k: r[k] for k in ("criterion", "layout", "allocation", "split", "compensate", "steps")} | \
         {"target": r["target"] or "layer"}
+
+
+def layout_label(r: dict) -> str:
+    return r["layout"] + (" + sensitivity" if r["allocation"] == "sensitivity" else "") + \
+        (" + split search" if r.get("split") == "search" else "")
 
 
 def main(argv=None) -> int:
@@ -252,20 +261,17 @@ def main(argv=None) -> int:
                 for comp in (False, True):
                     ab.run(1, ratio, crit, compensate=comp)
     if 2 in stages:
+        variants = [dict(layout="uniform", split="search"), dict(layout="per-layer"),
+                    dict(layout="per-layer", allocation="sensitivity"),
+                    dict(layout="per-layer", allocation="sensitivity", split="search")]
         for ratio in ratios:
-            crits = ["taylor"]
-            b1 = ab.best(ratio, stage=1)["criterion"]
-            crits += [b1] if b1 not in crits else []
-            for crit in crits:
-                for alloc in ("scores", "sensitivity"):
-                    for comp in (False, True):
-                        ab.run(2, ratio, crit, layout="per-layer", allocation=alloc, compensate=comp)
+            rows = [ab.run(2, ratio, "taylor", **v) for v in variants]
+            ranked = sorted(zip(rows, variants), key=lambda rv: rv[0]["ppl"])
+            for _, v in ranked[:2]:
+                ab.run(2, ratio, "taylor", **v, compensate=True)
     if 3 in stages:
         for ratio in ratios:
             b = config_of(ab.best(ratio))
-            other = "dense" if b["target"] == "layer" else "layer"
-            if b["compensate"]:
-                ab.run(3, ratio, **(b | {"target": other}))
             if args.steps > 1 and b["steps"] == 1:
                 ab.run(3, ratio, **(b | {"steps": args.steps}))
     if 4 in stages:
@@ -327,7 +333,7 @@ def render(data: dict, path: Path) -> None:
              "(mean over layers) | prune s |")
     L.append("|---|---|---|---|---|---|---|---|---|---|---|---|")
     for r in sorted(rows, key=lambda r: (r["ratio"], r["stage"], r["ppl"])):
-        lay = r["layout"] + (" + sensitivity" if r["allocation"] == "sensitivity" else "")
+        lay = layout_label(r)
         comp = ("yes" + (f" ({r['target']})" if r.get("target") not in (None, "layer") else "")) if r["compensate"] \
             else "no"
         L.append(f"| {r['stage']} | {r['ratio']:.0%} | {r['criterion']} | {lay} | {comp} | {r['steps']} | {r['seed']} "
@@ -341,8 +347,7 @@ def render(data: dict, path: Path) -> None:
                 continue
             b = min(rs, key=lambda r: r["ppl"])
             verdict = "met" if b["x_dense"] <= goal else f"NOT met (missed by {b['x_dense'] / goal:.2f}x)"
-            L.append(f"- ~{ratio:.0%}: best {b['criterion']} / {b['layout']}"
-                     f"{' + sensitivity' if b['allocation'] == 'sensitivity' else ''} / "
+            L.append(f"- ~{ratio:.0%}: best {b['criterion']} / {layout_label(b)} / "
                      f"{'compensated' if b['compensate'] else 'no compensation'} / {b['steps']} step(s): PPL "
                      f"{b['ppl']:.2f} = {b['x_dense']:.2f}x dense (goal <= {goal:g}x): **{verdict}**")
             rob = [r for r in rows if r["ratio"] == ratio and r["seed"] == 1 and config_of(r) == config_of(b)]
@@ -356,7 +361,7 @@ def render(data: dict, path: Path) -> None:
         b = min(comp_rows, key=lambda r: r["ppl"])
         c = b["compensation"]
         L.append(f"## Per-layer reconstruction error of the best compensated row ({b['ratio']:.0%}, {b['criterion']}, "
-                 f"{b['layout']}, steps {b['steps']})\n")
+                 f"{layout_label(b)}, steps {b['steps']})\n")
         L.append(f"{c['tokens_fit']:,} tokens fitted, {c['tokens_heldout']:,} held out. Relative error "
                  "||Y − Ŷ||/||Y||: before = kept columns with their original weights, after = refit "
                  "(a refit the held-out tokens reject keeps the original weights, marked *kept*).\n")
@@ -382,8 +387,19 @@ def render(data: dict, path: Path) -> None:
             if r["compensate"]:
                 continue
             w = " ".join(f"{i}:{v:.2f}" for i, v in r["sensitivity"].items())
-            L.append(f"- {r['ratio']:.0%} {r['criterion']}: {w}")
+            L.append(f"- {r['ratio']:.0%} {r['criterion']} ({layout_label(r)}): {w}")
             L.append(f"  - kept KV groups per layer: {r['kv_per_layer']}; MLP channels: {r['mlp_per_layer']}")
+        L.append("")
+    split_rows = [r for r in rows if r.get("split_search") and not r["compensate"]]
+    if split_rows:
+        L.append("## Split search (share of KV groups removed -> KL per token from the dense model on calibration "
+                 "samples; the lowest is kept)\n")
+        for r in split_rows:
+            for sr in r["split_search"]:
+                c = ", ".join(f"{x['kv_fraction']:.0%}: {x['kl']:.4f}" if "kl" in x else f"{x['kv_fraction']:.0%}: "
+                              "infeasible" for x in sr["candidates"])
+                L.append(f"- {r['ratio']:.0%} {r['criterion']} ({layout_label(r)}): {c} -> chose "
+                         f"{sr['chosen_kv_fraction']:.0%}")
         L.append("")
     if data.get("scoring_seconds"):
         L.append("Scoring time (s, once per criterion and seed, shared by rows): "
