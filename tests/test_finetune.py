@@ -328,3 +328,30 @@ def test_legacy_pickle_needs_allow_pickle(tmp_path, records_path):
         finetune(_opts(tmp_path, pkl, records_path))
     res = finetune(_opts(tmp_path, pkl, records_path, allow_pickle=True, max_steps=1, val_set_size=0))
     assert res.status == "completed"
+
+
+def test_tokens_per_second_counts_the_training_loop_only(tmp_path, per_layer_dir, records_path):
+    """A slow evaluation (before and after training) does not shorten or lengthen the measured loop."""
+    import time as _time
+
+    from transformers import TrainerCallback
+
+    class SlowEvalClock(TrainerCallback):
+        wall = 0.0
+
+        def on_evaluate(self, args, state, control, **kw):
+            _time.sleep(2.0)
+
+        def on_train_begin(self, args, state, control, **kw):
+            self.t0 = _time.perf_counter()
+
+        def on_train_end(self, args, state, control, **kw):
+            self.wall = _time.perf_counter() - self.t0
+
+    clock = SlowEvalClock()
+    res = finetune(_opts(tmp_path, per_layer_dir, records_path, max_steps=2, eval_steps=0, save_steps=100),
+                   callbacks=[clock])
+    # train() holds the callbacks' window plus its own setup; the evaluations are outside both
+    assert res.train_seconds >= clock.wall - 0.05, (res.train_seconds, clock.wall)
+    assert res.wall_seconds >= res.train_seconds + 4.0     # both evaluations are in the wall time
+    assert res.tokens_per_second == pytest.approx(res.train_tokens / res.train_seconds, rel=1e-3)

@@ -1389,13 +1389,13 @@ def finetune(opts: FinetuneOptions, *, callbacks: list | None = None) -> Finetun
 
     status, message, diverged = "completed", "", None
     t0 = time.perf_counter()
-    train_start = side_start = None
+    train_start = side_start = side_end = None
     try:
         if eval_enabled and resume is None:
             trainer.evaluate()  # step 0: val loss and PPL before fine-tuning
         train_start, side_start = time.perf_counter(), trainer.side_seconds
         trainer.train(resume_from_checkpoint=resume)
-        train_end = time.perf_counter()
+        train_end, side_end = time.perf_counter(), trainer.side_seconds   # the final evaluation is not in the loop
         if eval_enabled and (opts.eval_steps == 0 or trainer.state.global_step % opts.eval_steps):
             trainer.evaluate()
     except _Diverged as e:
@@ -1408,7 +1408,7 @@ def finetune(opts: FinetuneOptions, *, callbacks: list | None = None) -> Finetun
                    "Try a lower --learning_rate, or bf16/fp32 instead of --fp16, then resume with "
                    "--resume_from_checkpoint.")
         log.error(message)
-        train_end = time.perf_counter()
+        train_end, side_end = time.perf_counter(), trainer.side_seconds
     except BaseException:
         sink.close()  # an interrupted run still closes its W&B run and TensorBoard file
         raise
@@ -1416,7 +1416,7 @@ def finetune(opts: FinetuneOptions, *, callbacks: list | None = None) -> Finetun
     # tokens/s counts the training loop only: evaluations and checkpoint saves inside it are subtracted.
     run_seconds = 1e-9
     if train_start is not None:
-        run_seconds = max(train_end - train_start - (trainer.side_seconds - side_start), 1e-9)
+        run_seconds = max(train_end - train_start - (side_end - side_start), 1e-9)
     tokens = torch.tensor(float(trainer.tokens_seen), device=args.device)
     if world_size > 1 and diverged is None:
         tokens = trainer.accelerator.reduce(tokens, reduction="sum")
