@@ -76,14 +76,9 @@ def parse_args(argv=None):
 
 # ----------------------------------------------------------------------------- machine
 def machine_info() -> dict:
-    cpu = platform.processor() or ""
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
+    from _common import cpu_name
+
+    cpu = cpu_name()
     import torch
     import transformers
 

@@ -76,14 +76,9 @@ def machine_info() -> dict:
     import torch
     import transformers
 
-    cpu = ""
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
+    from _common import cpu_name
+
+    cpu = cpu_name()
     import peft
 
     return {"cpu": cpu or platform.processor(), "cores_visible": os.cpu_count(),
