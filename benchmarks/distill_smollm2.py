@@ -33,7 +33,7 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 
-STAGES = ("pruned", "lora", "lora_eval", "distill", "distill_eval", "dense")
+STAGES = ("lora", "lora_eval", "distill", "distill_eval", "pruned", "dense")
 
 
 def log(msg: str) -> None:
@@ -57,6 +57,7 @@ def parse_args(argv=None):
     p.add_argument("--limit", type=int, default=200, help="zero-shot examples per task")
     p.add_argument("--eval-batch-size", type=int, default=8)
     p.add_argument("--with-dense", action="store_true", help="also score the dense teacher (reference row)")
+    p.add_argument("--skip-pruned", action="store_true", help="do not score the pruned model before recovery")
     p.add_argument("--workdir", default="/tmp/gqaprune_distill_smollm2")
     p.add_argument("--output", default=str(HERE / "results" / "distill_smollm2.md"))
     p.add_argument("--notes-file", help="Markdown appended under '## Notes'")
@@ -241,11 +242,13 @@ def main(argv=None) -> int:
             return score(m, tok, a)
         return fn
 
-    plan = [("pruned", load_and_score(a.student)),
-            ("lora", lambda: train(a, workdir, distill=False)),
+    # the comparison first; the reference rows after it
+    plan = [("lora", lambda: train(a, workdir, distill=False)),
             ("lora_eval", lambda: eval_adapter(a, str(workdir / "lora"))),
             ("distill", lambda: train(a, workdir, distill=True)),
             ("distill_eval", lambda: eval_adapter(a, str(workdir / "distill")))]
+    if not a.skip_pruned:
+        plan.append(("pruned", load_and_score(a.student)))
     if a.with_dense:
         plan.append(("dense", load_and_score(a.teacher)))
     for name, fn in plan:

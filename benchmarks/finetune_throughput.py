@@ -12,14 +12,18 @@ so every variant trains on the same set) and the same number of optimizer steps:
   example, block-diagonal causal attention); same batches as the baseline;
 * both.
 
-Reported: real (non-pad) tokens per second of the training loop (wall clock, and per
-CPU-second of this process, which is less sensitive to other jobs on a shared machine),
+Each variant runs --rounds times, the order reversed every round, with torch on one
+thread by default. Reported: real (non-pad) tokens per second of the training loop (wall
+clock, and per CPU-second of this process: with one thread that is the work done,
+whatever else runs on a shared machine),
 the share of positions that were padding, and loss per token: the mean training loss
 over the run and the validation loss at the end (the same held-out examples, always
-padded, for every variant). Liger fused kernels are detected and reported (they need
-CUDA; on CPU there are none).
+padded, for every variant). Also the padding each batching leaves over a full epoch of
+the whole training split (computed, no training), because a short run's few examples
+cannot show length grouping at scale. Liger fused kernels are detected and reported
+(they need CUDA; on CPU there are none).
 
-Run from the repository root (about 30-60 minutes on 2 shared CPU cores):
+Run from the repository root (about an hour on 2 shared CPU cores at the defaults):
     gqaprune prune --model smollm2-135m --pruning-ratio 0.5 --layout per-layer --output /tmp/smol_pl50
     GQAPRUNE_DATA_DIR=../shared/data python benchmarks/finetune_throughput.py --model /tmp/smol_pl50
 """
@@ -56,7 +60,7 @@ def parse_args(argv=None):
     p.add_argument("--model", default="smollm2-135m", help="checkpoint to fine-tune (default: dense SmolLM2-135M)")
     p.add_argument("--data", default="yahma/alpaca-cleaned", help="instruction data (offline via GQAPRUNE_DATA_DIR)")
     p.add_argument("--variants", default=",".join(VARIANTS), help="comma-separated: " + ", ".join(VARIANTS))
-    p.add_argument("--steps", type=int, default=30, help="optimizer steps per variant")
+    p.add_argument("--steps", type=int, default=8, help="optimizer steps per variant and round")
     p.add_argument("--micro-batch-size", type=int, default=4)
     p.add_argument("--grad-accum", type=int, default=1, help="micro-batches per optimizer step")
     p.add_argument("--cutoff-len", type=int, default=256)
@@ -66,7 +70,13 @@ def parse_args(argv=None):
                    help="0 (default) so padded and packed runs draw no dropout masks and can be compared step by step")
     p.add_argument("--warmup-run-steps", type=int, default=2,
                    help="an unmeasured baseline run first, so the first measured variant pays no one-off costs")
-    p.add_argument("--repeat-baseline", action="store_true", help="run the baseline again at the end (drift check)")
+    p.add_argument("--rounds", type=int, default=2,
+                   help="run every variant this many times, order reversed each round (cancels load drift)")
+    p.add_argument("--threads", type=int, default=1,
+                   help="torch CPU threads; 1 makes CPU time a measure of work (no OpenMP spin-waiting on a "
+                        "shared machine)")
+    p.add_argument("--no-padding-sim", action="store_true",
+                   help="skip the full-epoch padding computation over the whole training split")
     p.add_argument("--workdir", default="/tmp/gqaprune_ft_throughput", help="run folders (adapters, metrics)")
     p.add_argument("--output", default=str(HERE / "results" / "finetune_throughput.md"))
     p.add_argument("--notes-file", help="Markdown appended under '## Notes' when the run ends")
@@ -84,8 +94,7 @@ def machine() -> str:
                 break
     except OSError:
         pass
-    return (f"{cpu}, {os.cpu_count()} logical CPUs visible (shared with other jobs), torch {torch.__version__} "
-            f"with {torch.get_num_threads()} threads")
+    return f"{cpu}, {os.cpu_count()} logical CPUs visible (shared with other jobs), torch {torch.__version__}"
 
 
 def make_clock():
@@ -105,7 +114,7 @@ def make_clock():
     return Clock()
 
 
-def run_variant(name: str, a, workdir: Path, steps: int | None = None) -> dict:
+def run_variant(name: str, a, workdir: Path, steps: int | None = None, round_: int = 0) -> dict:
     from gqaprune.finetune import FinetuneOptions, finetune
 
     batch = a.micro_batch_size * a.grad_accum
@@ -126,7 +135,7 @@ def run_variant(name: str, a, workdir: Path, steps: int | None = None) -> dict:
     train = {r["step"]: r["train/loss"] for r in recs if "train/loss" in r}
     mean_train = next((r["train/mean_loss"] for r in reversed(recs) if "train/mean_loss" in r), None)
     return {
-        "variant": name, "batching": res.batching, "steps": res.global_step, "train_examples": res.train_examples,
+        "variant": name, "round": round_, "batching": res.batching, "steps": res.global_step, "train_examples": res.train_examples,
         "train_tokens": res.train_tokens, "padding_fraction": res.padding_fraction,
         "finetune_train_seconds": res.train_seconds, "finetune_tokens_per_second": res.tokens_per_second,
         "loop_wall_s": round(clock.wall, 2), "loop_cpu_s": round(clock.cpu, 2),
@@ -138,57 +147,140 @@ def run_variant(name: str, a, workdir: Path, steps: int | None = None) -> dict:
     }
 
 
-def write_md(path: Path, a, rows: list[dict], header: dict, done: bool) -> None:
+def padding_simulation(a) -> dict:
+    """Padding over one epoch of the WHOLE training split (no training): random batches vs the Trainer's
+    length-grouped sampler (its mega-batches of 50 global batches). A short run's few examples cannot show
+    grouping at scale: the Trainer shrinks mega-batches to a quarter of a tiny dataset."""
+    import numpy as np
+    import torch
+    from transformers.trainer_pt_utils import get_length_grouped_indices
+
+    from gqaprune.data import load_instruction_records
+    from gqaprune.finetune import split_indices, tokenize_records
+    from gqaprune.model_io import load_model
+
+    _, tok = load_model(a.model, device="cpu", dtype="float32")
+    recs = load_instruction_records(a.data)
+    train_idx, _ = split_indices(len(recs), a.val_set_size, 42, None)
+    t0 = time.perf_counter()
+    split, _ = tokenize_records(recs, train_idx, tok, cutoff_len=a.cutoff_len, train_on_inputs=False,
+                                add_eos_token=False)
+    lengths = np.diff(split.offsets)
+    mb, batch = a.micro_batch_size, a.micro_batch_size * a.grad_accum
+
+    def padding(order) -> float:
+        real = pos = 0
+        for i in range(0, len(order) - mb + 1, mb):
+            ls = lengths[order[i:i + mb]]
+            real += int(ls.sum())
+            pos += len(ls) * int(-(-ls.max() // 8) * 8)     # PadCollator: longest, rounded up to 8
+        return 1 - real / pos
+
+    g = torch.Generator().manual_seed(42)
+    rand = torch.randperm(len(lengths), generator=g).numpy()
+    grouped = np.asarray(get_length_grouped_indices(lengths.tolist(), batch, generator=g))
+    return {"examples": int(len(lengths)), "mean_tokens": float(lengths.mean()),
+            "padding_random": round(padding(rand), 4), "padding_grouped": round(padding(grouped), 4),
+            "seconds": round(time.perf_counter() - t0, 1)}
+
+
+def aggregate(rows: list[dict]) -> list[dict]:
+    """One line per variant over its rounds: summed tokens / summed loop time."""
+    out = {}
     for r in rows:
-        r["tokens_per_second"] = round(r["train_tokens"] / r["loop_wall_s"], 2)
-    base = next((r for r in rows if r["variant"] == "baseline"), None)
-    lines = [
+        v = out.setdefault(r["variant"], {"variant": r["variant"], "runs": [], "tokens": 0, "wall": 0.0, "cpu": 0.0})
+        v["runs"].append(r)
+        v["tokens"] += r["train_tokens"]
+        v["wall"] += r["loop_wall_s"]
+        v["cpu"] += r["loop_cpu_s"]
+    for v in out.values():
+        first = v["runs"][0]
+        v["padding"] = first["padding_fraction"]
+        v["tps"] = v["tokens"] / v["wall"]
+        v["tpc"] = v["tokens"] / v["cpu"]
+        v["ppc"] = v["tpc"] / (1 - v["padding"])     # positions (real + pad) per CPU-second
+        v["tpc_runs"] = [r["train_tokens"] / r["loop_cpu_s"] for r in v["runs"]]
+        v["tps_runs"] = [r["train_tokens"] / r["loop_wall_s"] for r in v["runs"]]
+        # same data, seed and no dropout: every round must give the same losses
+        v["round_loss_spread"] = max((abs(r["train_loss_by_step"][k] - first["train_loss_by_step"][k])
+                                      for r in v["runs"] for k in first["train_loss_by_step"]
+                                      if k in r["train_loss_by_step"]), default=0.0)
+    return list(out.values())
+
+
+def write_md(path: Path, a, rows: list[dict], header: dict, done: bool) -> None:
+    agg = aggregate(rows)
+    base = next((v for v in agg if v["variant"] == "baseline"), None)
+    n_ex = a.steps * a.micro_batch_size * a.grad_accum
+    L = [
         "# LoRA fine-tuning throughput: baseline vs length grouping vs packing",
         "",
         f"- Date: {header['date']}" + ("" if done else " (**partial: run in progress**)"),
-        f"- Machine: {header['machine']}",
+        f"- Machine: {header['machine']}; this run: torch {a.threads} thread(s)",
         f"- Command: `{header['command']}`",
         f"- Model: `{a.model}` ({header['params']:,} parameters), fp32, CPU, sdpa attention; LoRA r 8 / alpha 16 "
         f"on q,k,v,o,gate,up,down, dropout {a.lora_dropout}; lr {a.learning_rate}, linear warmup "
         f"{max(1, a.steps // 10)} steps; an unmeasured {a.warmup_run_steps}-step baseline run first (warm-up)",
-        f"- Data: Alpaca-cleaned, the same {a.steps * a.micro_batch_size * a.grad_accum} training examples (one pass) "
-        f"for every variant; {a.steps} optimizer steps of {a.micro_batch_size * a.grad_accum} examples "
-        f"(micro-batch {a.micro_batch_size} x accumulation {a.grad_accum}); cutoff_len {a.cutoff_len}; prompt "
-        "tokens masked from the loss (train_on_inputs off)",
-        f"- Validation: {a.val_set_size} held-out examples, padded batches in every variant; loss = mean over val "
-        "batches of the per-token loss (nats/token)",
-        "- tokens/s counts real (non-pad) tokens fed forward over the training loop (evaluations excluded); "
-        "tokens/CPU-s divides the same tokens by this process's CPU time in the loop (less sensitive to other jobs "
-        "on the shared machine)",
+        f"- Data: Alpaca-cleaned, the same {n_ex} training examples (one pass) for every variant; {a.steps} optimizer "
+        f"steps of {a.micro_batch_size * a.grad_accum} examples (micro-batch {a.micro_batch_size} x accumulation "
+        f"{a.grad_accum}); cutoff_len {a.cutoff_len}; prompt tokens masked from the loss (train_on_inputs off)",
+        f"- Each variant ran {a.rounds} time(s), the order reversed every round (ABCD, DCBA, ...) so that load "
+        "changes on the shared machine hit every variant alike; the speeds below are summed tokens / summed loop "
+        "time over its runs (per-run values in brackets)",
+        "- tokens = real (non-pad) tokens fed forward in the training loop (evaluations excluded). tokens/s is wall "
+        "clock and depends on what else runs on the machine; tokens/CPU-s divides by this process's CPU time in "
+        "the loop (1 thread: the work done, whatever the load). positions/CPU-s counts padding too: if it is flat "
+        "across variants, the speed-up is exactly the padding removed",
+        f"- Loss per token: mean training loss over the run, and the validation loss (nats/token) on {a.val_set_size} "
+        "held-out examples, evaluated identically (same padded batches) in every variant",
         f"- Fused kernels: {rows[0]['fused_kernels'] if rows else 'n/a'}",
         "",
-        "| variant | padding | real tokens | loop s | tokens/s | vs baseline | tokens/CPU-s | vs baseline "
-        "| mean train loss | val loss before -> after | load avg (start/end) |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "| variant | padding | tokens/s (runs) | vs baseline | tokens/CPU-s (runs) | vs baseline | positions/CPU-s "
+        "| mean train loss | val loss before -> after |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
-    for r in rows:
-        sp = f"{r['tokens_per_second'] / base['tokens_per_second']:.2f}x" if base else "n/a"
-        spc = (f"{r['tokens_per_cpu_second'] / base['tokens_per_cpu_second']:.2f}x"
-               if base and r["tokens_per_cpu_second"] and base["tokens_per_cpu_second"] else "n/a")
-        va = f"{r['val_loss_before']:.4f} -> {r['val_loss_after']:.4f}" if r["val_loss_after"] is not None else "n/a"
-        mt = f"{r['mean_train_loss']:.4f}" if r["mean_train_loss"] is not None else "n/a"
-        lines.append(
-            f"| {r['variant']} | {100 * r['padding_fraction']:.1f}% | {r['train_tokens']:,} | {r['loop_wall_s']:.1f} "
-            f"| {r['tokens_per_second']:.1f} | {sp} | {r['tokens_per_cpu_second']} | {spc} | {mt} | {va} "
-            f"| {r['load_avg_1min_at_start']} / {r['load_avg_1min_at_end']} |")
+    for v in agg:
+        r0 = v["runs"][0]
+        sp = f"{v['tps'] / base['tps']:.2f}x" if base else "n/a"
+        spc = f"{v['tpc'] / base['tpc']:.2f}x" if base else "n/a"
+        va = (f"{r0['val_loss_before']:.4f} -> {r0['val_loss_after']:.4f}" if r0["val_loss_after"] is not None
+              else "n/a")
+        mt = f"{r0['mean_train_loss']:.4f}" if r0["mean_train_loss"] is not None else "n/a"
+        runs_s = ", ".join(f"{x:.1f}" for x in v["tps_runs"])
+        runs_c = ", ".join(f"{x:.1f}" for x in v["tpc_runs"])
+        L.append(f"| {v['variant']} | {100 * v['padding']:.1f}% | {v['tps']:.1f} ({runs_s}) | {sp} "
+                 f"| {v['tpc']:.1f} ({runs_c}) | {spc} | {v['ppc']:.1f} | {mt} | {va} |")
     if base:
-        lines += ["", "Per-step training loss, largest difference from the baseline (same batches for packing):", ""]
-        for r in rows:
-            if r is base:
+        L += ["", f"Real tokens per run: {base['runs'][0]['train_tokens']:,} (every variant, every round). "
+              "Per-step training loss, largest difference from the baseline:", ""]
+        for v in agg:
+            if v is base:
                 continue
-            common = [s for s in base["train_loss_by_step"] if s in r["train_loss_by_step"]]
+            b, r = base["runs"][0]["train_loss_by_step"], v["runs"][0]["train_loss_by_step"]
+            common = [k for k in b if k in r]
             if common:
-                d = max(abs(r["train_loss_by_step"][s] - base["train_loss_by_step"][s]) for s in common)
-                lines.append(f"- {r['variant']}: max |delta| = {d:.2e} over {len(common)} steps")
+                d = max(abs(r[k] - b[k]) for k in common)
+                why = ("same batches as the baseline" if "packing" == v["variant"] else
+                       "another batch order (length-grouped), so other per-step losses")
+                L.append(f"- {v['variant']}: max |delta| = {d:.2e} over {len(common)} steps ({why})")
+        spread = max(v["round_loss_spread"] for v in agg)
+        L.append(f"- largest per-step loss difference between rounds of the same variant: {spread:.2e}")
+    sim = header.get("padding_sim")
+    if sim:
+        pr, pg = sim["padding_random"], sim["padding_grouped"]
+        L += ["", f"## Padding over a full epoch ({sim['examples']:,} training examples, mean {sim['mean_tokens']:.0f} "
+              "tokens; computed, no training)", "",
+              f"Micro-batches of {a.micro_batch_size}, each padded to its longest example rounded up to 8 tokens:", "",
+              "| batching | padding | real-token share of positions | expected tokens/s vs baseline if positions/s "
+              "is flat |", "|---|---:|---:|---:|",
+              f"| random (baseline) | {100 * pr:.1f}% | {1 - pr:.3f} | 1.00x |",
+              f"| length-grouped (Trainer sampler, mega-batches of 50 batches) | {100 * pg:.1f}% | {1 - pg:.3f} "
+              f"| {(1 - pg) / (1 - pr):.2f}x |",
+              f"| packed | 0.0% | 1.000 | {1 / (1 - pr):.2f}x |"]
     if done and header.get("notes"):
-        lines += ["", "## Notes", ""] + header["notes"]
+        L += ["", "## Notes", ""] + header["notes"]
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text("\n".join(lines) + "\n")
+    path.write_text("\n".join(L) + "\n")
 
 
 def main(argv=None) -> int:
@@ -196,38 +288,48 @@ def main(argv=None) -> int:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     import logging
 
+    import torch
+
+    torch.set_num_threads(a.threads)
     logging.basicConfig(level=logging.WARNING)
     names = [v.strip() for v in a.variants.split(",") if v.strip()]
     bad = [v for v in names if v not in VARIANTS]
     if bad:
         raise SystemExit(f"--variants: unknown {bad}; choose from {list(VARIANTS)}")
-    if a.repeat_baseline:
-        names.append("baseline (repeat)")
     from gqaprune.model_io import load_model
 
     m, _ = load_model(a.model, device="cpu", dtype="float32")
     params = sum(p.numel() for p in m.parameters())
     del m
     header = {"date": _dt.datetime.now().astimezone().strftime("%Y-%m-%d %H:%M %Z"), "machine": machine(),
-              "command": "python benchmarks/finetune_throughput.py " + " ".join(shlex.quote(x) for x in
-                                                                            (argv if argv is not None else sys.argv[1:])),
+              "command": "python benchmarks/finetune_throughput.py " + " ".join(
+                  shlex.quote(x) for x in (argv if argv is not None else sys.argv[1:])),
               "params": params,
               "notes": Path(a.notes_file).read_text().splitlines() if a.notes_file else []}
     workdir = Path(a.workdir)
     workdir.mkdir(parents=True, exist_ok=True)
-    rows: list[dict] = []
     out = Path(a.output)
+    rows: list[dict] = []
+
+    def save():
+        (workdir / "results.json").write_text(json.dumps({"header": header, "rows": rows}, indent=2))
+
+    if not a.no_padding_sim:
+        log("padding over a full epoch of the training split (tokenising it)")
+        header["padding_sim"] = padding_simulation(a)
+        log(f"  {header['padding_sim']}")
     if a.warmup_run_steps:
         log(f"warm-up run ({a.warmup_run_steps} steps, not reported)")
         run_variant("warmup", a, workdir, steps=a.warmup_run_steps)
-    for name in names:
-        log(f"variant {name}: {a.steps} steps")
-        rows.append(run_variant(name, a, workdir))
-        r = rows[-1]
-        log(f"  {r['tokens_per_second']:.1f} tokens/s, {r['tokens_per_cpu_second']} tokens/CPU-s, padding "
-            f"{100 * r['padding_fraction']:.1f}%, val loss {r['val_loss_after']}")
-        (workdir / "results.json").write_text(json.dumps({"header": header, "rows": rows}, indent=2))
-        write_md(out, a, rows, header, done=False)
+    for rnd in range(a.rounds):
+        for name in (names if rnd % 2 == 0 else names[::-1]):
+            log(f"round {rnd + 1}/{a.rounds}, variant {name}: {a.steps} steps")
+            rows.append(run_variant(name, a, workdir, round_=rnd))
+            r = rows[-1]
+            log(f"  {r['train_tokens'] / r['loop_wall_s']:.1f} tokens/s, {r['tokens_per_cpu_second']} tokens/CPU-s, "
+                f"padding {100 * r['padding_fraction']:.1f}%, val loss {r['val_loss_after']}")
+            save()
+            write_md(out, a, rows, header, done=False)
     write_md(out, a, rows, header, done=True)
     log(f"wrote {out}")
     return 0

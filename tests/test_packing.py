@@ -170,3 +170,18 @@ def test_fused_kernels_detection(monkeypatch):
     assert fused_kernel_plan(None, torch.device("cpu")) == (False, "none (Liger kernels need CUDA, training on cpu)")
     assert fused_kernel_plan(None, torch.device("cuda", 0)) == (True, "liger")
 
+
+
+def test_val_loss_does_not_depend_on_training_batching(tmp_path):
+    """The step-0 val loss (same model, same val examples) is identical with and without grouping/packing."""
+    from ft_helpers import read_metrics as rm
+
+    base = save_per_layer(tmp_path / "pl")
+    data = write_records(tmp_path / "data.jsonl", n=64)
+    kw = dict(max_steps=1, val_set_size=24, micro_batch_size=4, batch_size=4)
+    first = {}
+    for name, extra in (("plain", {}), ("grouped", dict(group_by_length=True)),
+                        ("both", dict(group_by_length=True, packing=True))):
+        finetune(_opts(tmp_path, base, data, name, **kw, **extra))
+        first[name] = next(r["eval/loss"] for r in rm(tmp_path / name) if r["step"] == 0 and "eval/loss" in r)
+    assert first["plain"] == first["grouped"] == first["both"], first

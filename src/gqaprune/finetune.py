@@ -999,6 +999,20 @@ def _make_trainer_classes():
         _distill_sums = None        # [KL sum, LM-loss sum, tokens] since the last log (this process)
         last_distill: dict | None = None
 
+        def _get_eval_sampler(self, eval_dataset):
+            # Evaluation batches do not follow --group_by_length (transformers groups them too when it is
+            # on): the val loss is a mean of per-batch means, so it stays comparable across runs only if the
+            # batches are the same.
+            key = next((k for k in ("train_sampling_strategy", "group_by_length") if hasattr(self.args, k)), None)
+            saved = getattr(self.args, key) if key else None
+            if saved in ("group_by_length", True):
+                setattr(self.args, key, "random" if key == "train_sampling_strategy" else False)
+            try:
+                return super()._get_eval_sampler(eval_dataset)
+            finally:
+                if key:
+                    setattr(self.args, key, saved)
+
         def get_eval_dataloader(self, eval_dataset=None):
             if self.eval_collator is None:
                 return super().get_eval_dataloader(eval_dataset)
@@ -1197,7 +1211,7 @@ def fused_kernel_plan(want: bool | None, device: torch.device) -> tuple[bool, st
     import importlib.util
 
     if want is False:
-        return False, "off (--fused_kernels false)"
+        return False, "off (--no-fused-kernels)"
     installed = importlib.util.find_spec("liger_kernel") is not None
     if not installed or device.type != "cuda":
         why = "liger-kernel is not installed" if not installed else f"Liger kernels need CUDA, training on {device}"
