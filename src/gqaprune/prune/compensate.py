@@ -398,3 +398,97 @@ def summary_line(rep: dict) -> str:
     toks = f"{s['tokens_fit']:,} tokens fitted, {s['tokens_heldout']:,} held out"
     return f"compensation ({rep['target']}, ridge {rep['ridge']}): " + "; ".join(parts or ["nothing removed"]) \
         + f"; {toks}"
+
+
+# ---------------------------------------------------------------------- compensation-aware scores
+OBS_DAMP = 1e-2  # x mean(diag(X^T X)), as SparseGPT's percdamp
+
+
+def greedy_obs_order(w: torch.Tensor, gram: torch.Tensor, group: int, damp: float = OBS_DAMP) -> torch.Tensor:
+    """Scores from greedy structured OBS on one consuming projection: lower = removed earlier.
+
+    ``w`` (out x n): the projection reading the units; ``gram`` (n x n): X^T X of its input;
+    units are ``group`` consecutive columns. Each step removes the unit whose removal, with
+    the remaining columns refit by least squares, raises ||Y - X W'^T||^2 least
+    (cost = tr(W_u [H^-1]_uu^-1 W_u^T), H = X^T X + damp), then updates W and H^-1 as if it
+    were gone (Optimal Brain Surgeon, blockwise; as in ZipLM / SlimGPT). The score of a
+    unit is the running maximum of those costs at its removal, so every unit kept after
+    another scores at least as high; the last unit standing scores highest.
+    """
+    n = gram.shape[0]
+    units = n // group
+    g = gram.to(torch.float64)
+    lam = damp * float(g.diagonal().mean()) or 1e-12
+    g = g + lam * torch.eye(n, dtype=g.dtype, device=g.device)
+    chol, info = torch.linalg.cholesky_ex(g)
+    hinv = torch.cholesky_inverse(chol) if int(info) == 0 else torch.linalg.pinv(g)
+    wk = w.to(torch.float64).clone()
+    alive = torch.ones(units, dtype=torch.bool, device=g.device)
+    score = torch.zeros(units, dtype=torch.float64)
+    running = 0.0
+    for _ in range(units - 1):
+        idx = alive.nonzero().flatten()
+        if group == 1:
+            d = hinv.diagonal()[idx].clamp_min(1e-30)
+            costs = (wk[:, idx] ** 2).sum(0) / d
+        else:
+            costs = []
+            for u in idx.tolist():
+                c = slice(u * group, (u + 1) * group)
+                hb = hinv[c, c]
+                costs.append(float((wk[:, c] @ torch.linalg.solve(hb, wk[:, c].T)).trace()))
+            costs = torch.tensor(costs, dtype=torch.float64)
+        j = int(torch.argmin(costs))
+        u = int(idx[j])
+        running = max(running, float(costs[j]))
+        score[u] = running
+        c = slice(u * group, (u + 1) * group)
+        hb_inv_row = torch.linalg.solve(hinv[c, c], hinv[c, :])          # [H^-1]_uu^-1 [H^-1]_u,:
+        wk -= wk[:, c] @ hb_inv_row
+        hinv -= hinv[:, c] @ hb_inv_row
+        wk[:, c] = 0
+        hinv[c, :] = 0
+        hinv[:, c] = 0
+        alive[u] = False
+    score[alive.cpu()] = running * 2 + 1.0
+    return score.float()
+
+
+@torch.no_grad()
+def obs_scores(model, layout, ids: torch.Tensor, *, batch_size: int = 8, progress: bool = True) -> list[dict]:
+    """Per layer {'kv', 'mlp'} scores from greedy structured OBS on o_proj / down_proj (criterion ``obs``).
+
+    One pass through the layers on the calibration tokens (the model's own activations),
+    accumulating each consuming projection's input Gram matrix, one layer at a time.
+    """
+    layers = decoder_layers(model)
+    for i, layer in enumerate(layers):
+        _check_llama_layer(layer, i)
+    device = next(model.parameters()).device
+    batches = capture_layer_inputs(model, ids, batch_size)
+    hs, kws = [h for h, _ in batches], [kw for _, kw in batches]
+    group = layout.q_per_kv * layout.head_dim
+    out = []
+    was = model.training
+    model.eval()
+    try:
+        for i, layer in enumerate(tqdm(layers, desc="score (obs)", disable=not progress)):
+            o, dn = layer.self_attn.o_proj, layer.mlp.down_proj
+            g_o = torch.zeros(o.in_features, o.in_features, device=device, dtype=torch.float32)
+            g_d = torch.zeros(dn.in_features, dn.in_features, device=device, dtype=torch.float32)
+            nxt = []
+            for h, kw in zip(hs, kws):
+                x, a = _attention(layer, h, kw)
+                x = x.reshape(-1, x.shape[-1]).float()
+                g_o.addmm_(x.T, x)
+                r = h + a
+                xd, m = _mlp(layer, r)
+                xd = xd.reshape(-1, xd.shape[-1]).float()
+                g_d.addmm_(xd.T, xd)
+                nxt.append(r + m)
+            hs = nxt
+            out.append({"kv": greedy_obs_order(o.weight, g_o, group).cpu(),
+                        "mlp": greedy_obs_order(dn.weight, g_d, 1).cpu()})
+    finally:
+        model.train(was)
+    return out

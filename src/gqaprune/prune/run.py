@@ -18,6 +18,9 @@ from gqaprune.prune.plan import LAYOUTS, Budget, PrunePlan, check_budget, finish
 from gqaprune.prune.sensitivity import ALLOCATIONS, SPLITS
 from gqaprune.prune.structure import count_params, model_layout
 
+# "obs" lives with the compensation (it scores units by how well the refit can replace them)
+ALL_CRITERIA = CRITERIA + ("obs",)
+
 log = logging.getLogger(__name__)
 
 
@@ -30,7 +33,9 @@ class PruneOptions:
                                       "counted once). Not LLM-Pruner's --pruning_ratio, which is the fraction of "
                                       "heads/channels removed inside each pruned layer and removes far less overall")
     target_params: int | None = opt(None, "alternative to --pruning-ratio: parameters to keep")
-    criterion: str = opt("taylor", "importance criterion", choices=CRITERIA)
+    criterion: str = opt("taylor", "importance criterion (obs: the o_proj/down_proj output error when the unit is "
+                         "removed and the rest refit, greedy structured OBS on calibration activations)",
+                         choices=ALL_CRITERIA)
     layout: str = opt("uniform", "uniform: same counts in every pruned layer (stock LlamaConfig); per-layer: counts "
                       "vary by layer from globally ranked, per-layer-normalised scores", choices=LAYOUTS)
     calibration: str = opt("alpaca", "calibration data: alpaca (yahma/alpaca-cleaned), wikitext2 (train), c4, or a "
@@ -151,6 +156,18 @@ def needs_calibration(opts: PruneOptions) -> bool:
         or opts.split == "search"
 
 
+def score_model(model, layout, opts: PruneOptions, ids, *, seed: int, progress: bool = True) -> list[dict]:
+    """One score per unit for every layer, for any ``--criterion`` (obs included)."""
+    if opts.criterion == "obs":
+        from gqaprune.prune.compensate import obs_scores
+
+        return obs_scores(model, layout, ids, batch_size=opts.calib_batch_size, progress=progress)
+    from gqaprune.prune.calibrate import score_units
+
+    return score_units(model, layout, opts.criterion, ids, seed=seed, batch_size=opts.calib_batch_size,
+                       use_hooks=not opts.no_hooks, progress=progress)
+
+
 def _compensate(model, plan, ids, opts, progress):
     from gqaprune.prune.compensate import compensate
 
@@ -168,7 +185,6 @@ def prune_model(model, opts: PruneOptions, ids: torch.Tensor | None, *, scores: 
     so the returned plan refers to the ORIGINAL model's units and replays on it (its weights,
     with --compensate, were refit step by step; replaying with --compensate refits once).
     """
-    from gqaprune.prune.calibrate import score_units
     from gqaprune.prune.surgery import apply_plan
 
     check_options(opts)
@@ -185,9 +201,8 @@ def prune_model(model, opts: PruneOptions, ids: torch.Tensor | None, *, scores: 
         from gqaprune.prune.sensitivity import layer_sensitivity
 
         if sensitivity is None:
-            sc0 = scores if scores is not None else score_units(
-                model, layout0, opts.criterion, ids, seed=opts.seed, batch_size=opts.calib_batch_size,
-                use_hooks=not opts.no_hooks, progress=progress)
+            sc0 = scores if scores is not None else score_model(model, layout0, opts, ids, seed=opts.seed,
+                                                                progress=progress)
             scores = sc0
             sensitivity = layer_sensitivity(model, layout0, sc0, ids[: opts.sensitivity_samples], removed,
                                             pruned_layers, min_mlp=opts.min_mlp, round_mlp_to=opts.round_mlp_to,
@@ -204,9 +219,8 @@ def prune_model(model, opts: PruneOptions, ids: torch.Tensor | None, *, scores: 
         if opts.steps > 1 and lay.total_params - keep_k < min(lay.group_params, lay.channel_params):
             step_log.append({"step": k, "skipped": "nothing left to remove at this step's share"})
             continue
-        sc = scores if (k == 1 and scores is not None) else score_units(
-            cur, lay, opts.criterion, ids, seed=opts.seed + k - 1, batch_size=opts.calib_batch_size,
-            use_hooks=not opts.no_hooks, progress=progress)
+        sc = scores if (k == 1 and scores is not None) else score_model(cur, lay, opts, ids, seed=opts.seed + k - 1,
+                                                                        progress=progress)
         step_budget = budget if opts.steps == 1 else Budget(target_params=keep_k)
 
         def make(kv_fraction=None, lay=lay, sc=sc, step_budget=step_budget):
