@@ -56,6 +56,9 @@ def parse_args(argv=None):
     p.add_argument("--tasks", default="piqa,arc_easy,boolq")
     p.add_argument("--limit", type=int, default=200, help="zero-shot examples per task")
     p.add_argument("--eval-batch-size", type=int, default=8)
+    p.add_argument("--threads", type=int, default=1,
+                   help="torch CPU threads (1 is several times faster than 2 on a machine shared with other jobs: "
+                        "no OpenMP spin-waiting)")
     p.add_argument("--with-dense", action="store_true", help="also score the dense teacher (reference row)")
     p.add_argument("--skip-pruned", action="store_true", help="do not score the pruned model before recovery")
     p.add_argument("--workdir", default="/tmp/gqaprune_distill_smollm2")
@@ -76,7 +79,7 @@ def machine() -> str:
     except OSError:
         pass
     return (f"{cpu}, {os.cpu_count()} logical CPUs visible (shared with other jobs), torch {torch.__version__} "
-            f"with {torch.get_num_threads()} threads")
+            f"on {torch.get_num_threads()} thread(s)")
 
 
 def score(model, tok, a) -> dict:
@@ -212,6 +215,9 @@ def main(argv=None) -> int:
 
     logging.basicConfig(level=logging.WARNING)
     import lm_eval
+    import torch
+
+    torch.set_num_threads(a.threads)
 
     from gqaprune.model_io import load_model
 
