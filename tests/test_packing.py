@@ -185,3 +185,42 @@ def test_val_loss_does_not_depend_on_training_batching(tmp_path):
         finetune(_opts(tmp_path, base, data, name, **kw, **extra))
         first[name] = next(r["eval/loss"] for r in rm(tmp_path / name) if r["step"] == 0 and "eval/loss" in r)
     assert first["plain"] == first["grouped"] == first["both"], first
+
+
+@pytest.mark.parametrize("distil", [False, True])
+def test_packed_loss_uses_only_loss_positions_and_matches_padded(tmp_path, distil):
+    """The packed path projects only the loss positions onto the vocabulary, and its loss (plain or with
+    distillation) equals the padded path's on the same examples."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import TrainingArguments
+
+    from gqaprune.finetune import _make_trainer_classes
+
+    ids, labels = _examples()
+    feats = [{"input_ids": x, "labels": lab, "idx": i, "train": True} for i, (x, lab) in enumerate(zip(ids, labels))]
+    padded, packed = PadCollator(0)(feats), PadCollator(0, pack=True)(feats)
+    n_items = (padded["labels"][..., 1:] != -100).sum()
+    torch.manual_seed(0)
+    model = get_peft_model(make_tiny_model(0), LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0,
+                                                          target_modules=["q_proj", "v_proj"], task_type="CAUSAL_LM"))
+    tr = _make_trainer_classes()[0](model=model, args=TrainingArguments(output_dir=str(tmp_path / "t"), use_cpu=True,
+                                                                        report_to="none"),
+                                    data_collator=PadCollator(0))
+    if distil:
+        tr.teacher = make_tiny_model(1).eval()
+        with torch.no_grad():
+            tr.teacher.lm_head.weight.mul_(20)
+        tr.distill_alpha, tr.distill_temperature = 0.5, 2.0
+    model.train()
+    lp, out = tr.compute_loss(model, dict(packed), return_outputs=True, num_items_in_batch=n_items)
+    assert out.logits.shape[:2] == (1, int(n_items))        # only the loss positions were projected
+    ld = tr.compute_loss(model, dict(padded), num_items_in_batch=n_items)
+    assert lp.item() == pytest.approx(ld.item(), rel=1e-5, abs=1e-6)
+    # gradients agree too
+    lp.backward()
+    gp = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    model.zero_grad()
+    tr.compute_loss(model, dict(padded), num_items_in_batch=n_items).backward()
+    for n, p in model.named_parameters():
+        if p.grad is not None:
+            torch.testing.assert_close(gp[n], p.grad, atol=1e-5, rtol=1e-4)

@@ -123,7 +123,8 @@ class FinetuneOptions:
     group_by_length: bool = opt(False, "batch examples of similar length together (less padding; the Trainer's "
                                        "length-grouped sampler)")
     packing: bool = opt(False, "padding-free: each micro-batch's examples in one row, positions restarting per "
-                               "example and attention kept inside each example (same examples per step)")
+                               "example and attention kept inside each example (same examples per step); output "
+                               "logits only where a token is in the loss")
     fused_kernels: bool | None = opt(None, "Liger fused kernels (RMSNorm, SwiGLU, RoPE, linear+cross-entropy) "
                                            "(default: on when liger-kernel is installed and training on CUDA)")
 
@@ -706,9 +707,14 @@ def distillation_kl(student_logits: torch.Tensor, teacher_logits: torch.Tensor, 
     n = int(keep.sum())
     if n == 0:
         return student_logits.sum() * 0.0, 0
-    s = torch.log_softmax(student_logits[..., :-1, :][keep].float() / temperature, dim=-1)
-    t = torch.log_softmax(teacher_logits[..., :-1, :][keep].float() / temperature, dim=-1)
-    return torch.nn.functional.kl_div(s, t, reduction="sum", log_target=True), n
+    return _kl_sum(student_logits[..., :-1, :][keep], teacher_logits[..., :-1, :][keep], temperature), n
+
+
+def _kl_sum(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float) -> torch.Tensor:
+    """sum over rows of KL(softmax(teacher / T) || softmax(student / T)), in fp32; rows = loss positions."""
+    s = torch.log_softmax(student_logits.float() / temperature, dim=-1)
+    t = torch.log_softmax(teacher_logits.float() / temperature, dim=-1)
+    return torch.nn.functional.kl_div(s, t, reduction="sum", log_target=True)
 
 
 def load_teacher(ref: str, student_tokenizer, student_config, *, dtype: torch.dtype, device: torch.device,
@@ -1022,6 +1028,14 @@ def _make_trainer_classes():
             finally:
                 self.data_collator = train_collator
 
+        def _loss_scale(self, num_items_in_batch) -> int:
+            """The factor the Trainer applies to a loss normalised by num_items_in_batch (tokens averaged
+            across processes); mirrored for the terms computed here."""
+            if (num_items_in_batch is not None and self.args.average_tokens_across_devices
+                    and self.model_accepts_loss_kwargs):
+                return self.accelerator.num_processes // (self.get_tp_size() if hasattr(self, "get_tp_size") else 1)
+            return 1
+
         def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
             """Plain LM loss; in training with a teacher: alpha * T^2 * KL + (1 - alpha) * LM loss.
 
@@ -1029,23 +1043,44 @@ def _make_trainer_classes():
             Trainer's token count for the whole optimizer step (``num_items_in_batch``), or
             by this micro-batch's token count when the Trainer gives none. Evaluation (model
             not training) always reports the plain LM loss.
+
+            Packed batches (one row with position_ids) compute output logits only at the
+            positions whose next token is in the loss (``logits_to_keep``), for student and
+            teacher: the same loss terms, without the vocabulary projection of prompt tokens.
             """
-            if self.teacher is None or not model.training:
+            packed = "position_ids" in inputs and inputs["input_ids"].shape[0] == 1 and "labels" in inputs
+            distil = self.teacher is not None and model.training
+            if not packed and not distil:
                 return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
-            ce, outputs = super().compute_loss(model, inputs, True, num_items_in_batch)
+            scale = self._loss_scale(num_items_in_batch)
+            labels = inputs["labels"]
+            if packed:
+                keep = labels[0, 1:] != -100
+                idx = keep.nonzero()[:, 0]
+                n = int(idx.numel())
+                fwd = {k: v for k, v in inputs.items() if k != "labels"}
+                outputs = model(**fwd, logits_to_keep=idx, use_cache=False)
+                s_logits = outputs.logits[0]
+                denom = num_items_in_batch if num_items_in_batch is not None else max(n, 1)
+                ce = torch.nn.functional.cross_entropy(s_logits.float(), labels[0, 1:][keep], reduction="sum")
+                ce = ce / denom * scale
+                if not distil:
+                    return (ce, outputs) if return_outputs else ce
+            else:
+                ce, outputs = super().compute_loss(model, inputs, True, num_items_in_batch)
             with torch.no_grad():
                 # per micro-batch, no graph, no logit cache: teacher memory = one forward's activations
                 t_in = {k: inputs[k] for k in ("input_ids", "attention_mask", "position_ids") if k in inputs}
-                t_logits = self.teacher(**t_in, use_cache=False).logits
-            kl_sum, n = distillation_kl(outputs.logits, t_logits, inputs["labels"], self.distill_temperature)
+                if packed:
+                    t_logits = self.teacher(**t_in, logits_to_keep=idx, use_cache=False).logits[0]
+                else:
+                    t_logits = self.teacher(**t_in, use_cache=False).logits
+            if packed:
+                kl_sum = _kl_sum(s_logits, t_logits, self.distill_temperature)
+            else:
+                kl_sum, n = distillation_kl(outputs.logits, t_logits, labels, self.distill_temperature)
             del t_logits
             denom = num_items_in_batch if num_items_in_batch is not None else max(n, 1)
-            # the same factor the Trainer applied to the LM loss (tokens averaged across processes)
-            scale = 1
-            if (num_items_in_batch is not None and self.args.average_tokens_across_devices
-                    and self.model_accepts_loss_kwargs):
-                scale = self.accelerator.num_processes // (self.get_tp_size() if hasattr(self, "get_tp_size")
-                                                           else 1)
             kl = kl_sum / denom * scale
             a, t2 = self.distill_alpha, self.distill_temperature ** 2
             loss = (1.0 - a) * ce + a * t2 * kl
