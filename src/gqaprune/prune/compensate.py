@@ -404,16 +404,22 @@ def summary_line(rep: dict) -> str:
 OBS_DAMP = 1e-2  # x mean(diag(X^T X)), as SparseGPT's percdamp
 
 
-def greedy_obs_order(w: torch.Tensor, gram: torch.Tensor, group: int, damp: float = OBS_DAMP) -> torch.Tensor:
+OBS_ROUNDS = 32  # greedy removal in at most this many rounds (one Gram-inverse update per round)
+
+
+def greedy_obs_order(w: torch.Tensor, gram: torch.Tensor, group: int, damp: float = OBS_DAMP,
+                     rounds: int = OBS_ROUNDS) -> torch.Tensor:
     """Scores from greedy structured OBS on one consuming projection: lower = removed earlier.
 
     ``w`` (out x n): the projection reading the units; ``gram`` (n x n): X^T X of its input;
-    units are ``group`` consecutive columns. Each step removes the unit whose removal, with
+    units are ``group`` consecutive columns. Each round removes the units whose removal, with
     the remaining columns refit by least squares, raises ||Y - X W'^T||^2 least
-    (cost = tr(W_u [H^-1]_uu^-1 W_u^T), H = X^T X + damp), then updates W and H^-1 as if it
-    were gone (Optimal Brain Surgeon, blockwise; as in ZipLM / SlimGPT). The score of a
-    unit is the running maximum of those costs at its removal, so every unit kept after
-    another scores at least as high; the last unit standing scores highest.
+    (cost of unit u = tr(W_u [H^-1]_uu^-1 W_u^T), H = X^T X + damp), then updates W and
+    H^-1 as if they were gone (Optimal Brain Surgeon, blockwise; as in ZipLM / SlimGPT).
+    Units are removed ``ceil(units / rounds)`` at a time (one at a time when there are at
+    most ``rounds`` units, e.g. KV groups), which keeps the cost at ``rounds`` updates of
+    H^-1 instead of one per unit. A unit's score is the running maximum of the costs at its
+    removal, so a unit kept longer scores at least as high; the last one scores highest.
     """
     n = gram.shape[0]
     units = n // group
@@ -421,36 +427,38 @@ def greedy_obs_order(w: torch.Tensor, gram: torch.Tensor, group: int, damp: floa
     lam = damp * float(g.diagonal().mean()) or 1e-12
     g = g + lam * torch.eye(n, dtype=g.dtype, device=g.device)
     chol, info = torch.linalg.cholesky_ex(g)
-    hinv = torch.cholesky_inverse(chol) if int(info) == 0 else torch.linalg.pinv(g)
+    eye = torch.eye(n, dtype=g.dtype, device=g.device)
+    hinv = torch.cholesky_solve(eye, chol) if int(info) == 0 else torch.linalg.pinv(g)
     wk = w.to(torch.float64).clone()
-    alive = torch.ones(units, dtype=torch.bool, device=g.device)
+    alive = torch.ones(units, dtype=torch.bool)
     score = torch.zeros(units, dtype=torch.float64)
+    chunk = max(1, -(-units // rounds))
     running = 0.0
-    for _ in range(units - 1):
+    while int(alive.sum()) > 1:
         idx = alive.nonzero().flatten()
         if group == 1:
-            d = hinv.diagonal()[idx].clamp_min(1e-30)
-            costs = (wk[:, idx] ** 2).sum(0) / d
+            costs = ((wk * wk).sum(0) / hinv.diagonal().clamp_min(1e-30)).cpu()[idx]
         else:
-            costs = []
-            for u in idx.tolist():
-                c = slice(u * group, (u + 1) * group)
-                hb = hinv[c, c]
-                costs.append(float((wk[:, c] @ torch.linalg.solve(hb, wk[:, c].T)).trace()))
-            costs = torch.tensor(costs, dtype=torch.float64)
-        j = int(torch.argmin(costs))
-        u = int(idx[j])
-        running = max(running, float(costs[j]))
-        score[u] = running
-        c = slice(u * group, (u + 1) * group)
-        hb_inv_row = torch.linalg.solve(hinv[c, c], hinv[c, :])          # [H^-1]_uu^-1 [H^-1]_u,:
-        wk -= wk[:, c] @ hb_inv_row
-        hinv -= hinv[:, c] @ hb_inv_row
-        wk[:, c] = 0
-        hinv[c, :] = 0
-        hinv[:, c] = 0
-        alive[u] = False
-    score[alive.cpu()] = running * 2 + 1.0
+            costs = torch.stack([(wk[:, u * group:(u + 1) * group]
+                                  @ torch.linalg.solve(hinv[u * group:(u + 1) * group, u * group:(u + 1) * group],
+                                                       wk[:, u * group:(u + 1) * group].T)).trace()
+                                 for u in idx.tolist()]).cpu()
+        take = torch.argsort(costs, stable=True)[: min(chunk, len(idx) - 1)]
+        for j in take.tolist():
+            running = max(running, float(costs[j]))
+            score[int(idx[j])] = running
+        gone = idx[take]
+        alive[gone] = False
+        cols = torch.cat([torch.arange(int(u) * group, (int(u) + 1) * group) for u in gone]).to(wk.device)
+        # remove the chunk at once: W -= W_S [H^-1]_SS^-1 [H^-1]_S: ; H^-1 -= [H^-1]_:S [H^-1]_SS^-1 [H^-1]_S:
+        # (rows and columns S of H^-1 and columns S of W become zero, up to rounding)
+        rows = torch.linalg.inv(hinv[cols][:, cols]) @ hinv[cols, :]
+        wk -= wk[:, cols] @ rows
+        hinv -= hinv[:, cols] @ rows
+        hinv[:, cols] = 0                  # rounding leftovers must not pose as cheap units later
+        hinv[cols, cols] = 1.0
+        wk[:, cols] = 0
+    score[alive] = running * 2 + 1.0
     return score.float()
 
 
