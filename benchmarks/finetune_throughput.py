@@ -80,6 +80,8 @@ def parse_args(argv=None):
     p.add_argument("--workdir", default="/tmp/gqaprune_ft_throughput", help="run folders (adapters, metrics)")
     p.add_argument("--output", default=str(HERE / "results" / "finetune_throughput.md"))
     p.add_argument("--notes-file", help="Markdown appended under '## Notes' when the run ends")
+    p.add_argument("--render-only", action="store_true",
+                   help="no runs: rewrite --output from <workdir>/results.json (e.g. to add --notes-file)")
     return p.parse_args(argv)
 
 
@@ -292,6 +294,13 @@ def main(argv=None) -> int:
 
     torch.set_num_threads(a.threads)
     logging.basicConfig(level=logging.WARNING)
+    if a.render_only:
+        saved = json.loads((Path(a.workdir) / "results.json").read_text())
+        header = saved["header"]
+        header["notes"] = Path(a.notes_file).read_text().splitlines() if a.notes_file else header.get("notes", [])
+        write_md(Path(a.output), a, saved["rows"], header, done=True)
+        log(f"wrote {a.output} from {a.workdir}/results.json")
+        return 0
     names = [v.strip() for v in a.variants.split(",") if v.strip()]
     bad = [v for v in names if v not in VARIANTS]
     if bad:
