@@ -224,3 +224,26 @@ def test_packed_loss_uses_only_loss_positions_and_matches_padded(tmp_path, disti
     for n, p in model.named_parameters():
         if p.grad is not None:
             torch.testing.assert_close(gp[n], p.grad, atol=1e-5, rtol=1e-4)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("impl", ["sdpa", "flash_attention_2"])
+def test_packed_rows_on_gpu_match_each_sequence_alone(impl):
+    """On a GPU: the packed row (sdpa's masked kernel, or flash-attention's varlen path) gives each example
+    the logits it has alone, in fp32 (sdpa) / bf16 (flash-attention)."""
+    import importlib.util
+
+    if impl == "flash_attention_2" and importlib.util.find_spec("flash_attn") is None:
+        pytest.skip("flash-attn is not installed")
+    dtype = torch.bfloat16 if impl == "flash_attention_2" else torch.float32
+    model = _model("per-layer", impl).to("cuda", dtype)
+    ids, labels = _examples()
+    batch = {k: v.cuda() for k, v in pack_examples(ids, labels).items()}
+    tol = 3e-2 if dtype == torch.bfloat16 else 1e-4
+    with torch.no_grad():
+        packed = model(input_ids=batch["input_ids"], position_ids=batch["position_ids"], use_cache=False).logits[0]
+        off = 0
+        for x in ids:
+            alone = model(input_ids=torch.tensor([x], device="cuda"), use_cache=False).logits[0]
+            torch.testing.assert_close(packed[off:off + len(x)].float(), alone.float(), atol=tol, rtol=tol)
+            off += len(x)
