@@ -222,3 +222,21 @@ def test_mha_model_each_head_is_a_group(tokenizer):
     plan = make_plan(lay, score_units(m, lay, "magnitude", None), Budget(ratio=0.3))
     pruned = apply_plan(m, plan)
     assert pruned.config.num_attention_heads == pruned.config.num_key_value_heads
+
+
+def test_chunked_calibration_loss_matches_the_models_own_loss_and_gradients():
+    """The calibration loss projects onto the vocabulary a few positions at a time (memory); the
+    loss and every projection's gradient must equal ``model(labels=x).loss``'s."""
+    from gqaprune.prune.calibrate import _loss
+
+    model = make_tiny_model(seed=3)
+    x = torch.randint(0, model.config.vocab_size, (3, 11))
+    ref = model(input_ids=x, labels=x, use_cache=False).loss
+    ref.backward()
+    ref_grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    model.zero_grad(set_to_none=True)
+    got = _loss(model, x, chunk_tokens=7)  # 30 positions: chunks of 7, 7, 7, 7, 2
+    got.backward()
+    assert torch.allclose(got, ref, atol=1e-6, rtol=1e-6)
+    for n, g in ref_grads.items():
+        assert torch.allclose(dict(model.named_parameters())[n].grad, g, atol=1e-6, rtol=1e-5), n

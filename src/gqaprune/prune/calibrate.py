@@ -11,10 +11,15 @@ checkpointing). ``use_hooks=False`` runs the same arithmetic after each backward
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
+import functools
 import logging
+import sys
 from contextlib import contextmanager
 
 import torch
+import torch.utils.checkpoint
 from tqdm.auto import tqdm
 
 from gqaprune.data import calibration_texts
@@ -58,6 +63,28 @@ def calibration_batch(tokenizer, source: str, num_samples: int, seq_len: int, se
     return ids, f"{desc}: {num_samples} x {seq_len} tokens"
 
 
+@functools.lru_cache(maxsize=1)
+def _malloc_trim():
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        return ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim
+    except (OSError, AttributeError):  # not glibc (musl has no malloc_trim)
+        return None
+
+
+def release_freed_memory() -> None:
+    """Hand heap pages freed by the last batch back to the OS.
+
+    glibc keeps freed blocks below its (adaptive, up to 32 MB) mmap threshold in the heap, so
+    the per-batch activations and logits of calibration ratchet the RSS up batch after batch
+    (measured on SmolLM2-135M: peak 2.1 GB -> 1.55 GB with this after every batch, same speed).
+    """
+    trim = _malloc_trim()
+    if trim is not None:
+        trim(0)
+
+
 @contextmanager
 def _calibration_mode(model, gradient_checkpointing: bool):
     """Train-mode forward with only the projection weights requiring grad; restored afterwards."""
@@ -66,7 +93,8 @@ def _calibration_mode(model, gradient_checkpointing: bool):
     # transformers 5 renamed gradient -> activation checkpointing; accept either spelling.
     enable = getattr(model, "activation_checkpointing_enable", None) or getattr(model, "gradient_checkpointing_enable", None)
     disable = getattr(model, "activation_checkpointing_disable", None) or getattr(model, "gradient_checkpointing_disable", None)
-    gc_was = bool(getattr(model, "is_activation_checkpointing", getattr(model, "is_gradient_checkpointing", False)))
+    gc_was = bool(getattr(model, "is_activation_checkpointing", None)
+                  if hasattr(model, "is_activation_checkpointing") else getattr(model, "is_gradient_checkpointing", False))
     try:
         for n, p in model.named_parameters():
             p.requires_grad_(n.rsplit(".", 2)[-2] in ATTN_PROJS + MLP_PROJS)
@@ -118,8 +146,32 @@ class _GradScorer:
                 cur[k].zero_()
 
 
-def _loss(model, x: torch.Tensor) -> torch.Tensor:
-    return model(input_ids=x, labels=x, use_cache=False).loss
+# Model types whose logits are exactly lm_head(last hidden state), no scaling or soft-capping.
+_PLAIN_HEAD_TYPES = ("llama", "mistral", "qwen2", "gqapruned_llama")
+
+
+def _ce_sum(head: torch.nn.Module, h: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    return torch.nn.functional.cross_entropy(head(h).float(), y, reduction="sum")
+
+
+def _loss(model, x: torch.Tensor, chunk_tokens: int = 256) -> torch.Tensor:
+    """The causal-LM loss on ``x`` (mean next-token cross-entropy, as ``model(labels=x).loss``).
+
+    The vocabulary projection is done ``chunk_tokens`` positions at a time under activation
+    checkpointing, so the full (batch, seq, vocab) logits, their log-softmax and their gradient
+    never exist at once: at batch 8 x 128 tokens and a 49k vocabulary that is ~600 MB less peak.
+    """
+    body, head = model.get_decoder(), model.get_output_embeddings()
+    if getattr(model.config, "model_type", None) not in _PLAIN_HEAD_TYPES or body is None or head is None:
+        return model(input_ids=x, labels=x, use_cache=False).loss
+    h = body(input_ids=x, use_cache=False).last_hidden_state[:, :-1]
+    h = h.reshape(-1, h.shape[-1])
+    y = x[:, 1:].reshape(-1).to(h.device)
+    total = h.new_zeros((), dtype=torch.float32)
+    for s in range(0, h.shape[0], chunk_tokens):
+        total = total + torch.utils.checkpoint.checkpoint(_ce_sum, head, h[s:s + chunk_tokens], y[s:s + chunk_tokens],
+                                                          use_reentrant=False)
+    return total / h.shape[0]
 
 
 def gradient_scores(model, layout: ModelLayout, criterion: str, ids: torch.Tensor, *, batch_size: int = 8,
@@ -147,6 +199,8 @@ def gradient_scores(model, layout: ModelLayout, criterion: str, ids: torch.Tenso
                         scorer.fold(i, proj, is_bias, p, p.grad)
                         p.grad = None
                 scorer.end_batch()
+                del loss
+                release_freed_memory()
         finally:
             for h in handles:
                 h.remove()
@@ -167,13 +221,15 @@ def activation_means(model, ids: torch.Tensor, *, batch_size: int = 8, progress:
                 sums[i][j] = x if sums[i][j] is None else sums[i][j] + x
             handles.append(lin.register_forward_pre_hook(hook))
     device = next(model.parameters()).device
+    body = model.get_decoder() or model
     was = model.training
     model.eval()
     try:
         for b in tqdm(range(0, ids.shape[0], batch_size), desc="calibrate (activation)", disable=not progress):
             x = ids[b:b + batch_size].to(device)
-            model(input_ids=x, use_cache=False)
+            body(input_ids=x, use_cache=False)  # the hooks see all they need; no vocabulary logits
             count[0] += x.numel()
+            release_freed_memory()
     finally:
         for h in handles:
             h.remove()
