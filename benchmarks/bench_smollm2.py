@@ -14,7 +14,6 @@ from __future__ import annotations
 import argparse
 import copy
 import sys
-from pathlib import Path
 
 CONFIGS = [("uniform 20%", "uniform", 0.2, None), ("uniform 50%", "uniform", 0.5, None),
            ("uniform 50% mlp%64", "uniform", 0.5, 64), ("per-layer 20%", "per-layer", 0.2, None),

@@ -92,7 +92,7 @@ def score(model, tok, a) -> dict:
     t1 = time.perf_counter()
     log(f"  {ppl.line()} ({t1 - t0:.0f} s)")
     zs = zeroshot(model, tok, a.tasks, limit=a.limit, batch_size=a.eval_batch_size)
-    log(f"  zero-shot: " + "; ".join(f"{k} {v:.3f}" for k, v in zs.accuracies().items())
+    log("  zero-shot: " + "; ".join(f"{k} {v:.3f}" for k, v in zs.accuracies().items())
         + f" ({time.perf_counter() - t1:.0f} s)")
     return {"ppl": ppl.to_dict(), "zeroshot": zs.to_dict(), "eval_seconds": round(time.perf_counter() - t0, 1)}
 

@@ -66,6 +66,10 @@ def parse_args(argv=None):
     p.add_argument("--tasks", default=TASKS)
     p.add_argument("--limit", type=int, default=200, help="zero-shot examples per task")
     p.add_argument("--no-zeroshot", action="store_true")
+    p.add_argument("--packing", action=argparse.BooleanOptionalAction, default=True,
+                   help="finetune --packing (padding-free micro-batches: same examples per step, same loss; "
+                        "benchmarks/results/finetune_throughput.md measures the speed-up)")
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
     p.add_argument("--finish-merge", action="store_true",
                    help="merge + evaluate the configs in the existing .json that were fine-tuned but not merged")
     p.add_argument("--report-only", action="store_true", help="rewrite the .md from the existing .json and exit")
@@ -131,7 +135,8 @@ def write_report(state: dict, out_stem: Path) -> None:
           f"(linear warmup {a['warmup_steps']} steps, linear decay planned over {a['max_steps']} steps); "
           f"{a['max_train_samples']} Alpaca records tokenised, {a['val_set_size']} held out for the val loss; "
           f"extra_val_dataset wikitext2 capped at {a['extra_val_max_tokens']} tokens (evaluated at step 0 and the "
-          "end only)",
+          "end only)" + ("; `--packing`: each micro batch's 4 examples in one row with positions restarting per "
+                         "example (no padding, same loss)" if a.get("packing") else "; padded micro batches"),
           f"- **Planned steps:** {a['max_steps']}" + (
               f"; each fine-tuning run was stopped at the first optimizer-step boundary after {a['train_budget_s']:.0f} "
               "s of wall time since training began (time budget of this shared machine), so the steps column "
@@ -227,6 +232,9 @@ def main(argv=None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
     import torch
     from transformers import TrainerCallback
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
 
     from gqaprune.evaluate.perplexity import perplexity, tokenize_corpus
     from gqaprune.data import load_text_corpus
@@ -374,7 +382,7 @@ def main(argv=None) -> int:
             cutoff_len=256, val_set_size=args.val_set_size, warmup_steps=args.warmup_steps, lora_r=8,
             lora_alpha=16, extra_val_dataset=["wikitext2"], extra_val_max_tokens=args.extra_val_max_tokens,
             cache_dataset=True, max_train_samples=args.max_train_samples, eval_steps=0,
-            save_steps=10**6, logging_steps=10, device="cpu", overwrite=True),
+            save_steps=10**6, logging_steps=10, device="cpu", overwrite=True, packing=args.packing),
             callbacks=[TimeBudget(args.train_budget_s)])
         rec["finetune"] = fres.to_dict()
         say(f"  LoRA {fres.global_step} steps, {fres.tokens_per_second:.0f} tokens/s, "

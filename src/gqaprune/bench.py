@@ -48,7 +48,6 @@ speedup is ``1 / flops_ratio``; ``efficiency`` = measured speedup / ideal speedu
 
 from __future__ import annotations
 
-import ctypes
 import dataclasses
 import inspect
 import json
@@ -66,6 +65,7 @@ import torch
 
 from gqaprune.errors import GQAPruneError
 from gqaprune.options import opt
+from gqaprune.sysmem import release_freed_memory
 
 log = logging.getLogger(__name__)
 
@@ -244,13 +244,6 @@ def _proc_status_kib(key: str) -> int | None:
     return None
 
 
-def _malloc_trim() -> None:
-    try:
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except (OSError, AttributeError):
-        pass
-
-
 def _reset_hwm() -> bool:
     """Reset Linux's peak-RSS counter (VmHWM) of this process; False where not possible."""
     try:
@@ -298,7 +291,7 @@ def measure_peak_extra(fn, dev: torch.device) -> tuple[int, str]:
     import gc
 
     gc.collect()
-    _malloc_trim()
+    release_freed_memory()
     if _reset_hwm():
         base = _proc_status_kib("VmRSS") * 1024
         fn()

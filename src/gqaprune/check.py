@@ -153,7 +153,6 @@ def check(opts: CheckOptions) -> CheckResult:
     layers, problems = layer_report(cfg, shapes, expect_r)
     res.layers = layers
     r = expect_r or cfg["num_attention_heads"] // (cfg.get("num_key_value_heads") or cfg["num_attention_heads"])
-    ratios = sorted({row["q_per_kv"] for row in layers})
     res.rows.append(CheckRow("Q:KV ratio kept in every layer", not problems,
                              f"{r}:1 in all {len(layers)} layers" if not problems else "; ".join(problems[:3])))
     d = cfg.get("head_dim")

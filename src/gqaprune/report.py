@@ -49,7 +49,7 @@ def _ppl_text(p: dict) -> str:
             f"{p['n_tokens']:,} tokens)")
 
 
-def write_run_report(root) -> "Path":
+def write_run_report(root):
     """REPORT.md for a `gqaprune run` folder, from the files each step left there."""
     from pathlib import Path
 

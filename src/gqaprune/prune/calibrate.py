@@ -11,11 +11,7 @@ checkpointing). ``use_hooks=False`` runs the same arithmetic after each backward
 
 from __future__ import annotations
 
-import ctypes
-import ctypes.util
-import functools
 import logging
-import sys
 from contextlib import contextmanager
 
 import torch
@@ -26,6 +22,7 @@ from gqaprune.data import calibration_texts
 from gqaprune.errors import GQAPruneError
 from gqaprune.prune import importance as imp
 from gqaprune.prune.structure import ModelLayout, decoder_layers
+from gqaprune.sysmem import release_freed_memory
 
 log = logging.getLogger(__name__)
 
@@ -61,28 +58,6 @@ def calibration_batch(tokenizer, source: str, num_samples: int, seq_len: int, se
         )
     ids = torch.tensor(stream[:need], dtype=torch.long).view(num_samples, seq_len)
     return ids, f"{desc}: {num_samples} x {seq_len} tokens"
-
-
-@functools.lru_cache(maxsize=1)
-def _malloc_trim():
-    if not sys.platform.startswith("linux"):
-        return None
-    try:
-        return ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim
-    except (OSError, AttributeError):  # not glibc (musl has no malloc_trim)
-        return None
-
-
-def release_freed_memory() -> None:
-    """Hand heap pages freed by the last batch back to the OS.
-
-    glibc keeps freed blocks below its (adaptive, up to 32 MB) mmap threshold in the heap, so
-    the per-batch activations and logits of calibration ratchet the RSS up batch after batch
-    (measured on SmolLM2-135M: peak 2.1 GB -> 1.55 GB with this after every batch, same speed).
-    """
-    trim = _malloc_trim()
-    if trim is not None:
-        trim(0)
 
 
 @contextmanager

@@ -345,7 +345,7 @@ def prune(opts: PruneOptions) -> PruneResult:
         import json
 
         res.chart = str(Path(opts.output) / "kept_units.png")
-        out = save_checkpoint(pruned, tok, opts.output, plan=None, overwrite=opts.overwrite,
+        save_checkpoint(pruned, tok, opts.output, plan=None, overwrite=opts.overwrite,
                               extra_files={"prune_plan.json": plan.to_json(),
                                            "prune_summary.json": json.dumps(res.to_dict(), indent=2, default=str),
                                            "kept_units.png": kept_units_png(plan, f"{opts.model} -> {Path(opts.output).name}")})
