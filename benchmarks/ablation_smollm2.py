@@ -18,7 +18,9 @@ The grid is staged so the expensive parts run only where they can matter:
      sensitivity allocation, and both; compensation on for the two best of these;
   3. the best configuration so far at each ratio with --steps (re-scored between steps);
   4. the best configuration at each ratio with calibration seed 1 (robustness);
-  5. (only with --stages 5) the best configuration with --big-samples calibration samples.
+  5. (only with --stages 5) the best configuration with --big-samples calibration samples;
+  6. (only with --stages 6) criterion obs (greedy structured OBS: compensation-aware selection)
+     in the best layout so far, compensated, at the default calibration size.
 Efficiency: the dense model is loaded once, WikiText-2 tokenised once, each criterion
 scored once per calibration seed (scores do not depend on layout or ratio), each
 sensitivity measured once per (criterion, ratio); every row prunes a deepcopy.
@@ -71,14 +73,9 @@ def machine_info() -> dict:
     import torch
     import transformers
 
-    cpu = platform.processor() or ""
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
+    from _common import cpu_name
+
+    cpu = cpu_name()
     try:
         rev = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True, text=True,
                              check=True).stdout.strip()
@@ -125,6 +122,9 @@ class Ablation:
         self.eval_ids = tokenize_corpus(self.tok, corpus.text)[: a.eval_tokens]
         self.corpus = corpus
         meta = self.data.get("meta") or {}
+        if meta.get("date"):   # resuming: keep the earlier invocations on record
+            meta.setdefault("earlier", []).append({k: meta.get(k) for k in ("date", "command")}
+                                                  | {"loadavg_start": meta.get("machine", {}).get("loadavg_start")})
         meta.update({"date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
                      "command": "python " + " ".join([os.path.relpath(sys.argv[0], REPO)] + sys.argv[1:]),
                      "machine": machine_info(), "model": a.model,
@@ -289,6 +289,10 @@ def main(argv=None) -> int:
         for ratio in ratios:
             b = config_of(ab.best(ratio))
             ab.run(5, ratio, **b, samples=args.big_samples)
+    if 6 in stages:
+        for ratio in ratios:
+            b = config_of(ab.best(ratio))
+            ab.run(6, ratio, **(b | {"criterion": "obs", "compensate": True, "steps": 1}))
     ab.data["meta"]["wall_s_this_invocation"] = round(time.perf_counter() - t0, 1)
     ab.data["meta"]["loadavg_end"] = [round(x, 2) for x in os.getloadavg()]
     ab.save()
@@ -322,6 +326,9 @@ def render(data: dict, path: Path) -> None:
     L = []
     L.append("# One-shot pruning ablation: SmolLM2-135M (criterion × layout × compensation × steps)\n")
     L.append(f"- date: {meta.get('date')}; command: `{meta.get('command')}` (git {m.get('git')})")
+    for e in meta.get("earlier", []):
+        L.append(f"- rows resumed from an earlier invocation: {e.get('date')}, `{e.get('command')}` (load average "
+                 f"{e.get('loadavg_start')} at start); each row's *stage* says how it was chosen")
     L.append(f"- machine: {m.get('cpu')}, {m.get('cores_visible')} cores visible (shared with other jobs; load "
              f"average {m.get('loadavg_start')} at start), torch {m.get('torch')}, transformers "
              f"{m.get('transformers')}, fp32 on CPU")

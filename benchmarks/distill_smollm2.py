@@ -25,7 +25,6 @@ import datetime as _dt
 import gc
 import json
 import os
-import platform
 import shlex
 import sys
 import time
@@ -70,14 +69,9 @@ def parse_args(argv=None):
 def machine() -> str:
     import torch
 
-    cpu = platform.machine()
-    try:
-        for ln in Path("/proc/cpuinfo").read_text().splitlines():
-            if ln.startswith("model name"):
-                cpu = ln.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
+    from _common import cpu_name
+
+    cpu = cpu_name()
     return (f"{cpu}, {os.cpu_count()} logical CPUs visible (shared with other jobs), torch {torch.__version__} "
             f"on {torch.get_num_threads()} thread(s)")
 
@@ -139,6 +133,18 @@ def stage(name: str, a, workdir: Path, fn) -> dict:
     return out
 
 
+def _student_desc(student: str) -> str:
+    """How the student was pruned, from the prune_plan.json its checkpoint carries."""
+    try:
+        d = json.loads((Path(student) / "prune_plan.json").read_text())
+    except (OSError, ValueError):
+        return "pruned checkpoint without a prune_plan.json"
+    p = d.get("provenance", d)
+    return (f"{p.get('source_model')} pruned {p.get('reduction', 0):.1%} of total parameters, "
+            f"{d.get('layout_kind', d.get('layout', '?'))} layout, criterion {p.get('criterion')}, calibration "
+            f"{p.get('calibration', '?').split(' (')[0].split('/')[-1]} {p.get('calibration_tokens', 0):,} tokens")
+
+
 def write_md(path: Path, a, header: dict, res: dict, done: bool) -> None:
     tasks = [t.strip() for t in a.tasks.split(",")]
     L = [
@@ -147,8 +153,8 @@ def write_md(path: Path, a, header: dict, res: dict, done: bool) -> None:
         f"- Date: {header['date']}" + ("" if done else " (**partial: run in progress**)"),
         f"- Machine: {header['machine']}",
         f"- Command: `{header['command']}`",
-        f"- Student: `{a.student}` ({header['student_params']:,} parameters; SmolLM2-135M pruned 50% of total "
-        f"parameters, per-layer layout, Taylor criterion, `gqaprune prune` defaults); teacher: `{a.teacher}` "
+        f"- Student: `{a.student}` ({header['student_params']:,} parameters; {_student_desc(a.student)}); "
+        f"teacher: `{a.teacher}` "
         f"({header['teacher_params']:,} parameters); fp32, CPU",
         f"- Recovery (both rows): LoRA r 8 / alpha 16 on q,k,v,o,gate,up,down, {a.steps} optimizer steps of "
         f"{a.micro_batch_size * a.grad_accum} Alpaca-cleaned examples (one pass over the same "

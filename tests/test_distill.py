@@ -12,12 +12,7 @@ from gqaprune.errors import GQAPruneError
 from gqaprune.finetune import FinetuneOptions, PadCollator, distillation_kl, finetune, pack_examples
 
 
-@pytest.fixture(autouse=True)
-def _offline(monkeypatch, tmp_path):
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    monkeypatch.setenv("GQAPRUNE_CACHE_DIR", str(tmp_path / "cache_env"))
-    for k in ("WORLD_SIZE", "RANK", "LOCAL_RANK"):
-        monkeypatch.delenv(k, raising=False)
+pytestmark = pytest.mark.usefixtures("offline_single_process")
 
 
 def _batch(seed: int = 0):

@@ -13,12 +13,7 @@ from ft_helpers import make_per_layer_model, read_metrics, save_per_layer, train
 from gqaprune.finetune import FinetuneOptions, PadCollator, finetune, pack_examples
 
 
-@pytest.fixture(autouse=True)
-def _offline(monkeypatch, tmp_path):
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    monkeypatch.setenv("GQAPRUNE_CACHE_DIR", str(tmp_path / "cache_env"))
-    for k in ("WORLD_SIZE", "RANK", "LOCAL_RANK"):
-        monkeypatch.delenv(k, raising=False)
+pytestmark = pytest.mark.usefixtures("offline_single_process")
 
 
 def _examples(seed: int = 0, lens=(9, 23, 5, 16)):

@@ -11,7 +11,7 @@ import textwrap
 import pytest
 import torch
 
-from conftest import make_tiny_model, make_tokenizer
+from conftest import make_tiny_model
 from gqaprune.model_io import load_model, save_checkpoint
 from gqaprune.prune.calibrate import score_units
 from gqaprune.prune.plan import Budget, PrunePlan, make_plan
