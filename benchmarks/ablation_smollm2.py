@@ -62,6 +62,8 @@ def parse_args(argv=None):
     p.add_argument("--steps", type=int, default=3, help="K for the iterative rows (stage 3)")
     p.add_argument("--stages", default="1,2,3,4", help="which stages to run (5: the best rows with "
                    "--big-samples calibration samples)")
+    p.add_argument("--peers", default="", help="Torch-Pruning importances to run beside the grid on the same "
+                   "tokens, e.g. 'magnitude,taylor' (kept in the JSON; rows already there are skipped)")
     p.add_argument("--big-samples", type=int, default=128, help="calibration samples for stage 5")
     p.add_argument("--batch-size", type=int, default=8, help="sequences per forward")
     p.add_argument("--out", default=str(HERE / "results" / "ablation_smollm2"), help="output path without extension")
@@ -231,6 +233,48 @@ class Ablation:
             f"prune {prune_s:.0f} s")
         return row
 
+    def run_peer(self, ratio: float, importance: str) -> dict | None:
+        """Torch-Pruning (benchmarks/peers.py, its LLM example's recipe, eager attention) at the parameter
+        count of gqaprune's uniform row at ``ratio``, scored on the same WikiText-2 tokens; Taylor reads
+        gradients over the same calibration tokens (seed 0)."""
+        import torch
+
+        import peers
+        from gqaprune.evaluate.perplexity import perplexity_of_ids
+
+        key = f"tp|{importance}|{ratio}"
+        done = {r["key"]: r for r in self.data.setdefault("peers", [])}
+        if key in done:
+            return done[key]
+        ids, _ = self.calib(0, self.args.num_samples)
+        base = copy.deepcopy(self.model)
+        base.set_attn_implementation("eager")
+        total = self.data["dense"]["params"]
+        target = next((r["params_after"] for r in self.data["rows"] if r["ratio"] == ratio
+                       and r["layout"] == "uniform"), round(total * (1 - ratio)))
+        t = time.perf_counter()
+        grads = peers.taylor_grads(base, ids, self.args.batch_size) if importance == "taylor" else None
+        r_tp = peers.choose_ratio(base.config, target)
+        example = torch.tensor(self.tok.encode("Hello world.")).unsqueeze(0)
+        pruned, out = peers.tp_prune(base, example, importance, r_tp, grads=grads)
+        row = {"key": key, "tool": f"Torch-Pruning {peers.tp_version()}", "importance": importance, "ratio": ratio,
+               "tp_ratio": r_tp, "prune_s": round(time.perf_counter() - t, 1), **out.to_dict()}
+        if out.ok and out.runs == "ok":
+            nll, n = perplexity_of_ids(pruned, self.eval_ids, seq_len=self.args.window, batch_size=self.args.batch_size,
+                                       progress=False)
+            row.update(ppl=float(torch.tensor(nll).exp()), n_tokens=n, reduction=1 - out.params / total)
+            row["x_dense"] = row["ppl"] / self.data["dense"]["ppl"]
+            log(f"Torch-Pruning {importance} at {ratio:.0%}: PPL {row['ppl']:.2f} ({row['x_dense']:.2f}x dense), "
+                f"-{row['reduction']:.1%}")
+        else:
+            log(f"Torch-Pruning {importance} at {ratio:.0%}: {out.error or out.runs}")
+        del pruned, base, grads
+        gc.collect()
+        self.data["peers"].append(row)
+        self.save()
+        render(self.data, Path(self.args.out).with_suffix(".md"))
+        return row
+
     def best(self, ratio: float, seed: int = 0, **match) -> dict:
         rows = [r for r in self.data["rows"] if r["ratio"] == ratio and r["seed"] == seed and "samples" not in r
                 and all(r.get(k) == v for k, v in match.items())]
@@ -289,6 +333,9 @@ def main(argv=None) -> int:
         for ratio in ratios:
             b = config_of(ab.best(ratio))
             ab.run(5, ratio, **b, samples=args.big_samples)
+    for imp in [x for x in args.peers.split(",") if x]:
+        for ratio in ratios:
+            ab.run_peer(ratio, imp)
     if 6 in stages:
         for ratio in ratios:
             b = config_of(ab.best(ratio))
@@ -382,6 +429,19 @@ def render(data: dict, path: Path) -> None:
                     L.append(f"  - robustness, calibration seed 1 (another Alpaca slice): PPL {rob[0]['ppl']:.2f} "
                              f"({d:+.1%} vs seed 0): {'within' if abs(d) <= 0.10 else 'NOT within'} 10%")
         L.append("")
+    prs = [r for r in data.get("peers", []) if r.get("ppl") is not None]
+    if prs and rows:
+        L.append("## Torch-Pruning, same run, same tokens (its LLM example's recipe, eager attention, "
+                 "no compensation)\n")
+        L.append("| ratio | tool | importance | removed | PPL | × dense | gqaprune best PPL | TP / gqaprune best | goal ≥10x |")
+        L.append("|---|---|---|---|---|---|---|---|---|")
+        for r in sorted(prs, key=lambda r: (r["ratio"], r["ppl"])):
+            b = min((x for x in rows if x["ratio"] == r["ratio"] and x["seed"] == 0), key=lambda x: x["ppl"])
+            q = r["ppl"] / b["ppl"]
+            L.append(f"| {r['ratio']:.0%} | {r['tool']} | {r['importance']} | {r['reduction']:.2%} | {r['ppl']:.2f} | "
+                     f"{r['x_dense']:.2f} | {b['ppl']:.2f} | {q:.1f}x | {'met' if q >= 10 else '**not met**'} |")
+        L.append("\nThe goal compares gqaprune's best row at each ratio with Torch-Pruning's best importance "
+                 "(the lowest TP PPL per ratio is the one that counts).\n")
     comp_rows = [r for r in rows if r.get("compensation")]
     if comp_rows:
         b = min(comp_rows, key=lambda r: r["ppl"])
