@@ -27,6 +27,14 @@ CUDA_VISIBLE_DEVICES=0 python scripts/post_training.py \
     --extra_val_dataset wikitext2 --cache_dataset \
     --max_steps 2 --val_set_size 40 --max_train_samples 600 --extra_val_max_tokens 2048 --overwrite
 
+# the guide's other named settings (val_set_size 2000, cutoff_len 128, warmup 100, micro batch 2, batch 64,
+# lr 3e-5, lora_alpha 8), one optimizer step
+python scripts/post_training.py \
+    --prune_model "$ROOT/prune_log/llama3_gqa_aware_pruned_v3" --data_path yahma/alpaca-cleaned \
+    --output_dir "$ROOT/finetuned_guide_flags" --num_epochs 2 --learning_rate 3e-5 --batch_size 64 \
+    --micro_batch_size 2 --cutoff_len 128 --val_set_size 2000 --warmup_steps 100 --lora_r 8 --lora_alpha 8 \
+    --extra_val_dataset wikitext2 --extra_val_max_tokens 2048 --max_steps 1 --max_train_samples 2200 --overwrite
+
 torchrun --nproc_per_node=2 scripts/post_training.py \
     --prune_model "$ROOT/prune_log/llama3_gqa_aware_pruned_v3" --data_path yahma/alpaca-cleaned \
     --output_dir "$ROOT/finetuned_ddp" --batch_size 16 --micro_batch_size 4 --max_steps 2 \

@@ -27,6 +27,7 @@ import dataclasses
 import hashlib
 import json
 import logging
+import warnings
 import math
 import os
 import re
@@ -1399,7 +1400,9 @@ def finetune(opts: FinetuneOptions, *, callbacks: list | None = None) -> Finetun
     lora_cfg = LoraConfig(r=opts.lora_r, lora_alpha=opts.lora_alpha, lora_dropout=opts.lora_dropout,
                           target_modules="all-linear" if all_linear else list(opts.lora_target_modules),
                           bias="none", task_type="CAUSAL_LM")
-    model = get_peft_model(model, lora_cfg)
+    with warnings.catch_warnings():  # PEFT reads transformers' deprecated is_gradient_checkpointing
+        warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
+        model = get_peft_model(model, lora_cfg)
     p = Path(opts.prune_model).expanduser()
     model.peft_config["default"].base_model_name_or_path = str(p.resolve()) if p.exists() else opts.prune_model
     n_train = sum(q.numel() for q in model.parameters() if q.requires_grad)
