@@ -22,7 +22,9 @@ The grid is staged so the expensive parts run only where they can matter:
   6. (only with --stages 6) criterion obs (greedy structured OBS: compensation-aware selection)
      in the best layout so far, compensated, at the default calibration size;
   7. (only with --stages 7) the robustness check of stage 4 for the stage-5 rows (seed 1 at
-     --big-samples calibration samples).
+     --big-samples calibration samples);
+  8. (only with --stages 8) the best stage-5 row refitted towards the dense model's residual
+     stream (--compensate-target dense) instead of each unpruned sublayer.
 Efficiency: the dense model is loaded once, WikiText-2 tokenised once, each criterion
 scored once per calibration seed (scores do not depend on layout or ratio), each
 sensitivity measured once per (criterion, ratio); every row prunes a deepcopy.
@@ -342,6 +344,13 @@ def main(argv=None) -> int:
             if big:
                 b = min(big, key=lambda r: r["ppl"])
                 ab.run(7, ratio, **config_of(b), seed=1, samples=args.big_samples)
+    if 8 in stages:
+        for ratio in ratios:
+            big = [r for r in ab.data["rows"] if r["ratio"] == ratio and r["seed"] == 0
+                   and r.get("samples") == args.big_samples and r["compensate"]]
+            if big:
+                b = min(big, key=lambda r: r["ppl"])
+                ab.run(8, ratio, **(config_of(b) | {"target": "dense"}), samples=args.big_samples)
     for imp in [x for x in args.peers.split(",") if x]:
         for ratio in ratios:
             ab.run_peer(ratio, imp)
