@@ -158,15 +158,16 @@ class Ablation:
         return self.ids[(seed, samples)]
 
     def get_scores(self, criterion: str, seed: int, samples: int):
-        from gqaprune.prune.calibrate import score_units
+        from gqaprune.prune.run import PruneOptions, score_model
         from gqaprune.prune.structure import model_layout
 
         k = (criterion, seed, samples)
         if k not in self.scores:
             ids, _ = self.calib(seed, samples)
             t = time.perf_counter()
-            self.scores[k] = score_units(self.model, model_layout(self.model), criterion, ids, seed=seed,
-                                         batch_size=self.args.batch_size, progress=False)
+            self.scores[k] = score_model(self.model, model_layout(self.model),
+                                         PruneOptions(criterion=criterion, calib_batch_size=self.args.batch_size),
+                                         ids, seed=seed, progress=False)
             sec = round(time.perf_counter() - t, 1)
             name = f"{criterion}/seed{seed}" + (f"/{samples} samples" if samples != self.args.num_samples else "")
             self.data.setdefault("scoring_seconds", {})[name] = sec
