@@ -15,7 +15,8 @@ import argparse
 import copy
 import sys
 
-CONFIGS = [("uniform 20%", "uniform", 0.2, None), ("uniform 50%", "uniform", 0.5, None),
+CONFIGS = [("uniform 20%", "uniform", 0.2, None), ("uniform 20% mlp%64", "uniform", 0.2, 64),
+           ("uniform 50%", "uniform", 0.5, None),
            ("uniform 50% mlp%64", "uniform", 0.5, 64), ("per-layer 20%", "per-layer", 0.2, None),
            ("per-layer 50%", "per-layer", 0.5, None)]
 
@@ -28,6 +29,7 @@ def main(argv=None) -> int:
     ap.add_argument("--batch-sizes", default="1,16")
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--configs", default=",".join(c[0] for c in CONFIGS), help="subset of the configs, by name")
+    ap.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
     ap.add_argument("--out", default="benchmarks/results/bench_smollm2")
     args = ap.parse_args(argv)
 
@@ -48,7 +50,8 @@ def main(argv=None) -> int:
             plan = make_plan(layout, scores, Budget(ratio=ratio), layout_kind=kind, round_mlp_to=round_to)
             named.append((name, apply_plan(copy.deepcopy(dense), plan)))
     opts = BenchOptions(models=[n for n, _ in named], prompt_len=args.prompt_len, new_tokens=args.new_tokens,
-                        batch_sizes=[int(b) for b in args.batch_sizes.split(",")], repeats=args.repeats)
+                        batch_sizes=[int(b) for b in args.batch_sizes.split(",")], repeats=args.repeats,
+                        threads=args.threads)
     res = bench_models(named, opts)
     res.meta["command"] = "python benchmarks/bench_smollm2.py " + " ".join(argv if argv is not None else sys.argv[1:])
     jpath, mpath = res.save(args.out)
