@@ -24,7 +24,9 @@ The grid is staged so the expensive parts run only where they can matter:
   7. (only with --stages 7) the robustness check of stage 4 for the stage-5 rows (seed 1 at
      --big-samples calibration samples);
   8. (only with --stages 8) the best stage-5 row refitted towards the dense model's residual
-     stream (--compensate-target dense) instead of each unpruned sublayer.
+     stream (--compensate-target dense) instead of each unpruned sublayer;
+  9. (only with --stages 9) criterion obs in the best stage-5 configuration, one step, at
+     --big-samples calibration samples.
 Efficiency: the dense model is loaded once, WikiText-2 tokenised once, each criterion
 scored once per calibration seed (scores do not depend on layout or ratio), each
 sensitivity measured once per (criterion, ratio); every row prunes a deepcopy.
@@ -262,8 +264,8 @@ class Ablation:
         r_tp = peers.choose_ratio(base.config, target)
         example = torch.tensor(self.tok.encode("Hello world.")).unsqueeze(0)
         pruned, out = peers.tp_prune(base, example, importance, r_tp, grads=grads)
-        row = {"key": key, "tool": f"Torch-Pruning {peers.tp_version()}", "importance": importance, "ratio": ratio,
-               "tp_ratio": r_tp, "prune_s": round(time.perf_counter() - t, 1), **out.to_dict()}
+        row = {**out.to_dict(), "key": key, "tool": f"Torch-Pruning {peers.tp_version()}", "importance": importance,
+               "ratio": ratio, "tp_ratio": r_tp, "prune_s": round(time.perf_counter() - t, 1)}
         if out.ok and out.runs == "ok":
             nll, n = perplexity_of_ids(pruned, self.eval_ids, seq_len=self.args.window, batch_size=self.args.batch_size,
                                        progress=False)
@@ -359,6 +361,14 @@ def main(argv=None) -> int:
         for ratio in ratios:
             b = config_of(ab.best(ratio))
             ab.run(6, ratio, **(b | {"criterion": "obs", "compensate": True, "steps": 1}))
+    if 9 in stages:
+        for ratio in ratios:
+            big = [r for r in ab.data["rows"] if r["ratio"] == ratio and r["seed"] == 0
+                   and r.get("samples") == args.big_samples and r["criterion"] == "taylor" and r["compensate"]
+                   and (r["target"] or "layer") == "layer"]
+            if big:
+                b = min(big, key=lambda r: r["ppl"])
+                ab.run(9, ratio, **(config_of(b) | {"criterion": "obs", "steps": 1}), samples=args.big_samples)
     ab.data["meta"]["wall_s_this_invocation"] = round(time.perf_counter() - t0, 1)
     ab.data["meta"]["loadavg_end"] = [round(x, 2) for x in os.getloadavg()]
     ab.save()
