@@ -26,7 +26,8 @@ The grid is staged so the expensive parts run only where they can matter:
   8. (only with --stages 8) the best stage-5 row refitted towards the dense model's residual
      stream (--compensate-target dense) instead of each unpruned sublayer;
   9. (only with --stages 9) criterion obs in the best stage-5 configuration, one step, at
-     --big-samples calibration samples.
+     --big-samples calibration samples;
+  10. (only with --stages 10) the best row at --big-samples with one more step.
 Efficiency: the dense model is loaded once, WikiText-2 tokenised once, each criterion
 scored once per calibration seed (scores do not depend on layout or ratio), each
 sensitivity measured once per (criterion, ratio); every row prunes a deepcopy.
@@ -369,6 +370,13 @@ def main(argv=None) -> int:
             if big:
                 b = min(big, key=lambda r: r["ppl"])
                 ab.run(9, ratio, **(config_of(b) | {"criterion": "obs", "steps": 1}), samples=args.big_samples)
+    if 10 in stages:
+        for ratio in ratios:
+            big = [r for r in ab.data["rows"] if r["ratio"] == ratio and r["seed"] == 0
+                   and r.get("samples") == args.big_samples]
+            if big:
+                b = min(big, key=lambda r: r["ppl"])
+                ab.run(10, ratio, **(config_of(b) | {"steps": b["steps"] + 1}), samples=args.big_samples)
     ab.data["meta"]["wall_s_this_invocation"] = round(time.perf_counter() - t0, 1)
     ab.data["meta"]["loadavg_end"] = [round(x, 2) for x in os.getloadavg()]
     ab.save()
