@@ -283,10 +283,11 @@ class Ablation:
         render(self.data, Path(self.args.out).with_suffix(".md"))
         return row
 
-    def best(self, ratio: float, seed: int = 0, **match) -> dict:
-        rows = [r for r in self.data["rows"] if r["ratio"] == ratio and r["seed"] == seed and "samples" not in r
-                and all(r.get(k) == v for k, v in match.items())]
-        return min(rows, key=lambda r: r["ppl"])
+    def best(self, ratio: float, seed: int = 0, samples: int | None = None, **match) -> dict | None:
+        """Lowest-PPL row at ``ratio``/``seed`` and calibration size (None = the default size) matching ``match``."""
+        rows = [r for r in self.data["rows"] if r["ratio"] == ratio and r["seed"] == seed
+                and r.get("samples") == samples and all(r.get(k) == v for k, v in match.items())]
+        return min(rows, key=lambda r: r["ppl"], default=None)
 
 
 def config_of(r: dict) -> dict:
@@ -341,20 +342,15 @@ def main(argv=None) -> int:
         for ratio in ratios:
             b = config_of(ab.best(ratio))
             ab.run(5, ratio, **b, samples=args.big_samples)
+    big = args.big_samples
     if 7 in stages:
         for ratio in ratios:
-            big = [r for r in ab.data["rows"] if r["ratio"] == ratio and r["seed"] == 0
-                   and r.get("samples") == args.big_samples]
-            if big:
-                b = min(big, key=lambda r: r["ppl"])
-                ab.run(7, ratio, **config_of(b), seed=1, samples=args.big_samples)
+            if b := ab.best(ratio, samples=big):
+                ab.run(7, ratio, **config_of(b), seed=1, samples=big)
     if 8 in stages:
         for ratio in ratios:
-            big = [r for r in ab.data["rows"] if r["ratio"] == ratio and r["seed"] == 0
-                   and r.get("samples") == args.big_samples and r["compensate"]]
-            if big:
-                b = min(big, key=lambda r: r["ppl"])
-                ab.run(8, ratio, **(config_of(b) | {"target": "dense"}), samples=args.big_samples)
+            if b := ab.best(ratio, samples=big, compensate=True):
+                ab.run(8, ratio, **(config_of(b) | {"target": "dense"}), samples=big)
     for imp in [x for x in args.peers.split(",") if x]:
         for ratio in ratios:
             ab.run_peer(ratio, imp)
@@ -364,19 +360,12 @@ def main(argv=None) -> int:
             ab.run(6, ratio, **(b | {"criterion": "obs", "compensate": True, "steps": 1}))
     if 9 in stages:
         for ratio in ratios:
-            big = [r for r in ab.data["rows"] if r["ratio"] == ratio and r["seed"] == 0
-                   and r.get("samples") == args.big_samples and r["criterion"] == "taylor" and r["compensate"]
-                   and (r["target"] or "layer") == "layer"]
-            if big:
-                b = min(big, key=lambda r: r["ppl"])
-                ab.run(9, ratio, **(config_of(b) | {"criterion": "obs", "steps": 1}), samples=args.big_samples)
+            if b := ab.best(ratio, samples=big, criterion="taylor", compensate=True, target="layer"):
+                ab.run(9, ratio, **(config_of(b) | {"criterion": "obs", "steps": 1}), samples=big)
     if 10 in stages:
         for ratio in ratios:
-            big = [r for r in ab.data["rows"] if r["ratio"] == ratio and r["seed"] == 0
-                   and r.get("samples") == args.big_samples]
-            if big:
-                b = min(big, key=lambda r: r["ppl"])
-                ab.run(10, ratio, **(config_of(b) | {"steps": b["steps"] + 1}), samples=args.big_samples)
+            if b := ab.best(ratio, samples=big):
+                ab.run(10, ratio, **(config_of(b) | {"steps": b["steps"] + 1}), samples=big)
     ab.data["meta"]["wall_s_this_invocation"] = round(time.perf_counter() - t0, 1)
     ab.data["meta"]["loadavg_end"] = [round(x, 2) for x in os.getloadavg()]
     ab.save()

@@ -56,8 +56,14 @@ def main(argv=None) -> int:
     res.meta["command"] = "python benchmarks/bench_smollm2.py " + " ".join(argv if argv is not None else sys.argv[1:])
     jpath, mpath = res.save(args.out)
     text = mpath.read_text()
+    import os
+
+    from _common import cpu_name
+
+    machine = (f"Machine: {cpu_name()}, {os.cpu_count()} cores; load average at the end "
+               f"{[round(x, 2) for x in os.getloadavg()]}. Models take turns in one process, so load hits them alike.")
     mpath.write_text(f"# SmolLM2-135M inference speed, dense vs pruned (CPU)\n\nCommand: `{res.meta['command']}`\n\n"
-                     + text)
+                     f"{machine}\n\n" + text)
     print(mpath.read_text())
     return 0
 

@@ -119,8 +119,7 @@ def render(res: dict) -> str:
           "grad; a `register_post_accumulate_grad_hook` per projection folds its gradient into per-unit scores and "
           "frees it; decoder layers run under activation checkpointing; the vocabulary projection and the loss run "
           "256 positions at a time under checkpointing (the full batch x seq x 49k logits never exist); and freed heap "
-          "pages go back to the OS after every batch (glibc malloc_trim). Before the last two, the same 128 x 128 "
-          "Taylor run peaked at 2,163 MiB (2026-11-30, this machine).", ""]
+          "pages go back to the OS after every batch (glibc malloc_trim).", ""]
     return "\n".join(L)
 
 

@@ -27,12 +27,12 @@ import dataclasses
 import hashlib
 import json
 import logging
-import warnings
 import math
 import os
 import re
 import shutil
 import time
+import warnings
 import uuid
 from dataclasses import asdict, dataclass, field
 from pathlib import Path

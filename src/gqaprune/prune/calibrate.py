@@ -68,8 +68,9 @@ def _calibration_mode(model, gradient_checkpointing: bool):
     # transformers 5 renamed gradient -> activation checkpointing; accept either spelling.
     enable = getattr(model, "activation_checkpointing_enable", None) or getattr(model, "gradient_checkpointing_enable", None)
     disable = getattr(model, "activation_checkpointing_disable", None) or getattr(model, "gradient_checkpointing_disable", None)
-    gc_was = bool(getattr(model, "is_activation_checkpointing", None)
-                  if hasattr(model, "is_activation_checkpointing") else getattr(model, "is_gradient_checkpointing", False))
+    # (hasattr first: reading the deprecated is_gradient_checkpointing warns on transformers 5)
+    gc_attr = "is_activation_checkpointing" if hasattr(model, "is_activation_checkpointing") else "is_gradient_checkpointing"
+    gc_was = bool(getattr(model, gc_attr, False))
     try:
         for n, p in model.named_parameters():
             p.requires_grad_(n.rsplit(".", 2)[-2] in ATTN_PROJS + MLP_PROJS)

@@ -346,9 +346,9 @@ def prune(opts: PruneOptions) -> PruneResult:
 
         res.chart = str(Path(opts.output) / "kept_units.png")
         save_checkpoint(pruned, tok, opts.output, plan=None, overwrite=opts.overwrite,
-                              extra_files={"prune_plan.json": plan.to_json(),
-                                           "prune_summary.json": json.dumps(res.to_dict(), indent=2, default=str),
-                                           "kept_units.png": kept_units_png(plan, f"{opts.model} -> {Path(opts.output).name}")})
+                        extra_files={"prune_plan.json": plan.to_json(),
+                                     "prune_summary.json": json.dumps(res.to_dict(), indent=2, default=str),
+                                     "kept_units.png": kept_units_png(plan, f"{opts.model} -> {Path(opts.output).name}")})
     res.model = pruned  # type: ignore[attr-defined]  # for callers that keep working in memory
     res.tokenizer = tok  # type: ignore[attr-defined]
     return res
