@@ -27,7 +27,11 @@ The grid is staged so the expensive parts run only where they can matter:
      stream (--compensate-target dense) instead of each unpruned sublayer;
   9. (only with --stages 9) criterion obs in the best stage-5 configuration, one step, at
      --big-samples calibration samples;
-  10. (only with --stages 10) the best row at --big-samples with one more step.
+  10. (only with --stages 10) the best row at --big-samples with one more step;
+  11. (only with --stages 11) the best row at any calibration size re-run with --big-samples
+      calibration samples (e.g. 256: does more calibration data still help?);
+  12. (only with --stages 12) the best row at --big-samples with --allocation search (the
+      sensitivity allocation refined by local search on calibration KL) instead of sensitivity.
 Efficiency: the dense model is loaded once, WikiText-2 tokenised once, each criterion
 scored once per calibration seed (scores do not depend on layout or ratio), each
 sensitivity measured once per (criterion, ratio); every row prunes a deepcopy.
@@ -71,6 +75,9 @@ def parse_args(argv=None):
                    "--big-samples calibration samples)")
     p.add_argument("--peers", default="", help="Torch-Pruning importances to run beside the grid on the same "
                    "tokens, e.g. 'magnitude,taylor' (kept in the JSON; rows already there are skipped)")
+    p.add_argument("--search-evaluations", type=int, default=150, help="moves tried by --allocation search")
+    p.add_argument("--search-samples", type=int, default=8, help="calibration samples --allocation search "
+                   "measures KL on")
     p.add_argument("--big-samples", type=int, default=128, help="calibration samples for stage 5")
     p.add_argument("--batch-size", type=int, default=8, help="sequences per forward")
     p.add_argument("--out", default=str(HERE / "results" / "ablation_smollm2"), help="output path without extension")
@@ -81,7 +88,6 @@ def parse_args(argv=None):
 def machine_info() -> dict:
     import torch
     import transformers
-
     from _common import cpu_name
 
     cpu = cpu_name()
@@ -140,7 +146,8 @@ class Ablation:
                      "eval": {"dataset": corpus.dataset, "split": corpus.split, "source": corpus.source,
                               "window": a.window, "stride": a.window, "first_tokens": a.eval_tokens},
                      "calibration": {"source": a.calibration, "samples": a.num_samples, "seq_len": a.seq_len},
-                     "sensitivity_samples": a.sensitivity_samples})
+                     "sensitivity_samples": a.sensitivity_samples,
+                     "allocation_search": {"evaluations": a.search_evaluations, "samples": a.search_samples}})
         self.data["meta"] = meta
         if not self.data.get("dense"):
             t = time.perf_counter()
@@ -191,6 +198,8 @@ class Ablation:
         samples = samples or self.args.num_samples
         if samples != self.args.num_samples:   # rows at the default calibration size keep their old keys
             cfg["samples"] = samples
+        if allocation == "search":
+            cfg |= {"search_evaluations": self.args.search_evaluations, "search_samples": self.args.search_samples}
         key = key_of(cfg)
         if key in self.done:
             return self.done[key]
@@ -200,13 +209,14 @@ class Ablation:
         opts = PruneOptions(pruning_ratio=ratio, criterion=criterion, layout=layout, allocation=allocation,
                             split=split, compensate=compensate, compensate_target=target, steps=steps, seed=seed,
                             calib_batch_size=a.batch_size, num_samples=samples, seq_len=a.seq_len,
-                            sensitivity_samples=a.sensitivity_samples)
+                            sensitivity_samples=a.sensitivity_samples, search_evaluations=a.search_evaluations,
+                            search_samples=a.search_samples)
         t = time.perf_counter()
         sens = self.sens.get((criterion, ratio, seed, samples))
         pruned, plan = prune_model(copy.deepcopy(self.model), opts, ids, scores=scores, sensitivity=sens,
                                    progress=False)
         prune_s = time.perf_counter() - t
-        if allocation == "sensitivity":
+        if allocation in ("sensitivity", "search"):
             self.sens[(criterion, ratio, seed, samples)] = plan.provenance["sensitivity"]
         t = time.perf_counter()
         nll, n = perplexity_of_ids(pruned, self.eval_ids, seq_len=a.window, batch_size=a.batch_size, progress=False)
@@ -224,6 +234,9 @@ class Ablation:
         if prov.get("sensitivity"):
             row["sensitivity"] = {x["layer"]: round(x["weight"], 3) for x in prov["sensitivity"]["layers"]}
             row["sensitivity_seconds"] = prov["sensitivity"]["seconds"]
+        if prov.get("allocation_search"):
+            row["allocation_search"] = [{k: v for k, v in r.items() if k != "accepted"} | {"moves_kept": len(r["accepted"])}
+                                        for r in prov["allocation_search"]]
         if prov.get("split_search"):
             row["split_search"] = [{"step": r["step"], "chosen_kv_fraction": r["chosen_kv_fraction"],
                                     "candidates": r["candidates"], "seconds": r["seconds"]}
@@ -245,9 +258,9 @@ class Ablation:
         """Torch-Pruning (benchmarks/peers.py, its LLM example's recipe, eager attention) at the parameter
         count of gqaprune's uniform row at ``ratio``, scored on the same WikiText-2 tokens; Taylor reads
         gradients over the same calibration tokens (seed 0)."""
+        import peers
         import torch
 
-        import peers
         from gqaprune.evaluate.perplexity import perplexity_of_ids
 
         key = f"tp|{importance}|{ratio}"
@@ -283,10 +296,11 @@ class Ablation:
         render(self.data, Path(self.args.out).with_suffix(".md"))
         return row
 
-    def best(self, ratio: float, seed: int = 0, samples: int | None = None, **match) -> dict | None:
-        """Lowest-PPL row at ``ratio``/``seed`` and calibration size (None = the default size) matching ``match``."""
+    def best(self, ratio: float, seed: int = 0, samples: int | None | str = None, **match) -> dict | None:
+        """Lowest-PPL row at ``ratio``/``seed`` and calibration size (None = the default size, "any" = any size)
+        matching ``match``."""
         rows = [r for r in self.data["rows"] if r["ratio"] == ratio and r["seed"] == seed
-                and r.get("samples") == samples and all(r.get(k) == v for k, v in match.items())]
+                and (samples == "any" or r.get("samples") == samples) and all(r.get(k) == v for k, v in match.items())]
         return min(rows, key=lambda r: r["ppl"], default=None)
 
 
@@ -296,7 +310,8 @@ def config_of(r: dict) -> dict:
 
 
 def layout_label(r: dict) -> str:
-    return r["layout"] + (" + sensitivity" if r["allocation"] == "sensitivity" else "") + \
+    return r["layout"] + {"sensitivity": " + sensitivity", "search": " + sensitivity + allocation search"}.get(
+        r["allocation"], "") + \
         (" + split search" if r.get("split") == "search" else "")
 
 
@@ -366,6 +381,14 @@ def main(argv=None) -> int:
         for ratio in ratios:
             if b := ab.best(ratio, samples=big):
                 ab.run(10, ratio, **(config_of(b) | {"steps": b["steps"] + 1}), samples=big)
+    if 11 in stages:
+        for ratio in ratios:
+            if b := ab.best(ratio, samples="any"):
+                ab.run(11, ratio, **config_of(b), samples=big)
+    if 12 in stages:
+        for ratio in ratios:
+            if b := ab.best(ratio, samples=big, allocation="sensitivity"):
+                ab.run(12, ratio, **(config_of(b) | {"allocation": "search"}), samples=big)
     ab.data["meta"]["wall_s_this_invocation"] = round(time.perf_counter() - t0, 1)
     ab.data["meta"]["loadavg_end"] = [round(x, 2) for x in os.getloadavg()]
     ab.save()
@@ -512,6 +535,21 @@ def render(data: dict, path: Path) -> None:
                               "infeasible" for x in sr["candidates"])
                 L.append(f"- {r['ratio']:.0%} {r['criterion']} ({layout_label(r)}): {c} -> chose "
                          f"{sr['chosen_kv_fraction']:.0%}")
+        L.append("")
+    search_rows = [r for r in rows if r.get("allocation_search")]
+    if search_rows:
+        L.append("## Allocation search (`--allocation search`: calibration KL per token from the dense model, "
+                 "start = sensitivity allocation → end; *check* = the next samples, never searched on)\n")
+        for r in search_rows:
+            for sr in r["allocation_search"]:
+                chk = "" if sr.get("check_kl_start") is None else \
+                    f"; check {sr['check_samples']} samples {sr['check_kl_start']:.4f} → {sr['check_kl_end']:.4f}"
+                step = f" step {sr['step']}" if r["steps"] > 1 else ""
+                L.append(f"- {r['ratio']:.0%} {r['criterion']}{step}, {r.get('samples', cal.get('samples'))} calibration "
+                         f"samples: KL {sr['kl_start']:.4f} → {sr['kl_end']:.4f} on {sr['tokens']:,} tokens "
+                         f"({sr['moves_kept']} of {sr['evaluations']} moves kept{chk}; "
+                         f"{'used' if sr.get('used', True) else 'rejected'}; {sr['seconds']:.0f} s)")
+            L.append(f"  - kept KV groups per layer: {r['kv_per_layer']}; MLP channels: {r['mlp_per_layer']}")
         L.append("")
     if data.get("scoring_seconds"):
         L.append("Scoring time (s, once per criterion and seed, shared by rows): "

@@ -43,17 +43,21 @@ def test_two_processes_shard_data_and_save_one_adapter(tmp_path, kind):
     base = save_per_layer(tmp_path / "base")
     data = write_records(tmp_path / "data.jsonl")
     val = write_text(tmp_path / "val.txt", n_words=600)
-    out = tmp_path / "out"
     env = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
     for k in ("WORLD_SIZE", "RANK", "LOCAL_RANK", "WANDB_MODE"):
         env.pop(k, None)
-    cmd = _launcher(kind) + [str(REPO / "scripts" / "post_training.py"),
-           "--prune_model", str(base), "--data_path", str(data), "--output_dir", str(out),
-           "--batch_size", "4", "--micro_batch_size", "1", "--max_steps", "3", "--save_steps", "2",
-           "--eval_steps", "2", "--val_set_size", "8", "--cutoff_len", "192", "--logging_steps", "1",
-           "--extra_val_dataset", str(val), "--extra_val_max_tokens", "256",
-           "--cache_dataset", "--cache_dir", str(tmp_path / "cache"), "--log_sample_ids"]
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=240, cwd=tmp_path)
+    for attempt in range(3):   # the free port can be taken between picking it and the launcher binding it: retry
+        out = tmp_path / f"out{attempt}"
+        args = [str(REPO / "scripts" / "post_training.py"),
+                "--prune_model", str(base), "--data_path", str(data), "--output_dir", str(out),
+                "--batch_size", "4", "--micro_batch_size", "1", "--max_steps", "3", "--save_steps", "2",
+                "--eval_steps", "2", "--val_set_size", "8", "--cutoff_len", "192", "--logging_steps", "1",
+                "--extra_val_dataset", str(val), "--extra_val_max_tokens", "256",
+                "--cache_dataset", "--cache_dir", str(tmp_path / "cache"), "--log_sample_ids"]
+        proc = subprocess.run(_launcher(kind) + args, env=env, capture_output=True, text=True, timeout=480,
+                              cwd=tmp_path)
+        if proc.returncode == 0 or "address already in use" not in (proc.stdout + proc.stderr).lower():
+            break
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
     assert "gradient accumulation 2 x 2 process(es)" in proc.stderr
 

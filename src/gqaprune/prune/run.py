@@ -14,7 +14,14 @@ from gqaprune.errors import GQAPruneError
 from gqaprune.options import opt
 from gqaprune.prune.compensate import TARGETS as COMPENSATE_TARGETS
 from gqaprune.prune.importance import CRITERIA
-from gqaprune.prune.plan import LAYOUTS, Budget, PrunePlan, check_budget, finish_plan, make_plan
+from gqaprune.prune.plan import (
+    LAYOUTS,
+    Budget,
+    PrunePlan,
+    check_budget,
+    finish_plan,
+    make_plan,
+)
 from gqaprune.prune.sensitivity import ALLOCATIONS, SPLITS
 from gqaprune.prune.structure import count_params, model_layout
 
@@ -71,13 +78,18 @@ class PruneOptions:
     steps: int = opt(1, "iterative pruning: remove the budget in K equal steps, re-scoring (and compensating) "
                      "between steps")
     allocation: str = opt("scores", "per-layer layout: scores = per-layer-normalised scores; sensitivity = also "
-                          "weight each layer by its measured calibration-loss rise when pruned alone",
-                          choices=ALLOCATIONS)
+                          "weight each layer by its measured calibration-loss rise when pruned alone; search = "
+                          "start from sensitivity, then move channels/KV groups between layers while the "
+                          "calibration KL from the unpruned model goes down", choices=ALLOCATIONS)
     split: str = opt("balanced", "attention vs MLP: balanced = both lose the same fraction of their units; search = "
                      "try each share of KV groups removed (MLP takes the rest) and keep the plan whose output moves "
                      "least on calibration samples (KL)", choices=SPLITS)
     sensitivity_samples: int = opt(8, "calibration samples used to measure layer sensitivity and to compare "
                                    "splits (--allocation sensitivity, --split search)")
+    search_evaluations: int = opt(150, "--allocation search: moves to try (each reruns about half the model on "
+                                  "--search-samples samples)")
+    search_samples: int = opt(8, "--allocation search: calibration samples the KL is measured on (the next as "
+                              "many, when there are, check that the result generalises)")
 
 
 @dataclass
@@ -132,12 +144,15 @@ def check_options(opts: PruneOptions) -> None:
         raise GQAPruneError(f"--steps {opts.steps}: must be at least 1")
     if opts.allocation not in ALLOCATIONS:
         raise GQAPruneError(f"--allocation {opts.allocation}: choose one of {', '.join(ALLOCATIONS)}")
-    if opts.allocation == "sensitivity" and opts.layout != "per-layer" and opts.plan is None:
-        raise GQAPruneError("--allocation sensitivity sets per-layer budgets: use it with --layout per-layer")
+    if opts.allocation != "scores" and opts.layout != "per-layer" and opts.plan is None:
+        raise GQAPruneError(f"--allocation {opts.allocation} sets per-layer budgets: use it with --layout per-layer")
     if opts.split not in SPLITS:
         raise GQAPruneError(f"--split {opts.split}: choose one of {', '.join(SPLITS)}")
     if opts.sensitivity_samples < 1:
         raise GQAPruneError(f"--sensitivity-samples {opts.sensitivity_samples}: must be at least 1")
+    if opts.search_evaluations < 1 or opts.search_samples < 1:
+        raise GQAPruneError(f"--search-evaluations {opts.search_evaluations} / --search-samples "
+                            f"{opts.search_samples}: both must be at least 1")
     if opts.compensate_target not in COMPENSATE_TARGETS:
         raise GQAPruneError(f"--compensate-target {opts.compensate_target}: choose one of "
                             f"{', '.join(COMPENSATE_TARGETS)}")
@@ -152,7 +167,7 @@ def check_options(opts: PruneOptions) -> None:
 def needs_calibration(opts: PruneOptions) -> bool:
     if opts.plan is not None:
         return opts.compensate
-    return opts.criterion not in ("magnitude", "random") or opts.compensate or opts.allocation == "sensitivity" \
+    return opts.criterion not in ("magnitude", "random") or opts.compensate or opts.allocation != "scores" \
         or opts.split == "search"
 
 
@@ -197,7 +212,7 @@ def prune_model(model, opts: PruneOptions, ids: torch.Tensor | None, *, scores: 
     prov.update({"steps": opts.steps, "allocation": opts.allocation if opts.layout == "per-layer" else None,
                  "split": opts.split})
     weights = None
-    if opts.allocation == "sensitivity":
+    if opts.allocation in ("sensitivity", "search"):
         from gqaprune.prune.sensitivity import layer_sensitivity
 
         if sensitivity is None:
@@ -209,7 +224,7 @@ def prune_model(model, opts: PruneOptions, ids: torch.Tensor | None, *, scores: 
                                             batch_size=opts.calib_batch_size, progress=progress)
         weights = {x["layer"]: x["weight"] for x in sensitivity["layers"]}
         prov["sensitivity"] = sensitivity
-    comp_reports, step_log, split_reports = [], [], []
+    comp_reports, step_log, split_reports, search_reports = [], [], [], []
     kv_orig = [list(range(s.n_kv)) for s in layout0.layers]     # current unit j of layer i = original kv_orig[i][j]
     mlp_orig = [list(range(s.n_mlp)) for s in layout0.layers]
     cur = model
@@ -237,6 +252,16 @@ def prune_model(model, opts: PruneOptions, ids: torch.Tensor | None, *, scores: 
             split_reports.append(srep)
         else:
             plan_k = make()
+        if opts.allocation == "search":
+            from gqaprune.prune.allocation_search import search_allocation
+
+            _, pruned_k = check_budget(lay, step_budget, opts.keep_first, opts.keep_last, opts.min_mlp)
+            plan_k, arep = search_allocation(cur, lay, sc, plan_k, ids, pruned_k, evaluations=opts.search_evaluations,
+                                             samples=opts.search_samples, batch_size=opts.calib_batch_size,
+                                             min_mlp=opts.min_mlp, round_mlp_to=opts.round_mlp_to,
+                                             seed=opts.seed + k - 1, progress=progress)
+            arep["step"] = k
+            search_reports.append(arep)
         if opts.compensate:
             rep = _compensate(cur, plan_k, ids, opts, progress)
             rep["step"] = k
@@ -253,6 +278,8 @@ def prune_model(model, opts: PruneOptions, ids: torch.Tensor | None, *, scores: 
         prov["compensation"] = comp_reports
     if split_reports:
         prov["split_search"] = split_reports
+    if search_reports:
+        prov["allocation_search"] = search_reports
     plan = finish_plan(layout0, kv_orig, mlp_orig, budget, removed, pruned_layers, layout_kind=opts.layout,
                        min_mlp=opts.min_mlp, round_mlp_to=opts.round_mlp_to, provenance=prov)
     return cur, plan
@@ -260,7 +287,7 @@ def prune_model(model, opts: PruneOptions, ids: torch.Tensor | None, *, scores: 
 
 def notes_for(plan: PrunePlan) -> list[str]:
     """One line each for what the plain summary does not show: compensation, sensitivity, steps."""
-    from gqaprune.prune import compensate, sensitivity
+    from gqaprune.prune import allocation_search, compensate, sensitivity
 
     prov, out = plan.provenance, []
     if prov.get("steps", 1) > 1:
@@ -274,6 +301,9 @@ def notes_for(plan: PrunePlan) -> list[str]:
         cands = ", ".join(f"{c['kv_fraction']:.0%} -> {c['kl']:.4f}" for c in rep["candidates"] if "kl" in c)
         out.append(f"{step}split search (share of KV groups removed -> KL per token on {rep['tokens']:,} calibration "
                    f"tokens): {cands}; chose {rep['chosen_kv_fraction']:.0%}")
+    for rep in prov.get("allocation_search", []):
+        step = f"step {rep['step']}: " if prov.get("steps", 1) > 1 else ""
+        out.append(step + allocation_search.summary_line(rep))
     for rep in prov.get("compensation", []):
         step = f"step {rep['step']}: " if prov.get("steps", 1) > 1 else ""
         out.append(step + compensate.summary_line(rep))

@@ -55,7 +55,7 @@ from gqaprune.prune.structure import ModelLayout, decoder_layers, q_rows
 
 log = logging.getLogger(__name__)
 
-ALLOCATIONS = ("scores", "sensitivity")
+ALLOCATIONS = ("scores", "sensitivity", "search")   # search: allocation_search.py
 WEIGHT_BOUNDS = (0.5, 2.0)
 
 

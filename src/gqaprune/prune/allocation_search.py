@@ -1,0 +1,253 @@
+"""``--allocation search``: refine the per-layer counts by local search on calibration KL.
+
+The sensitivity allocation (sensitivity.py) sets each layer's share from one probe per
+layer, through a fixed rule (square root, bounds). It measures layers one at a time;
+pruning errors interact, and the rule is a guess. This step starts from that allocation
+and improves it directly on the quantity it stands in for: the KL divergence of the
+pruned model's next-token distribution from the unpruned model's, on calibration
+samples (units removed by zeroing their consuming columns, as in the split search).
+
+Moves keep the parameter count exactly: one layer (the donor) gives up ``delta`` more
+MLP channels (its lowest-scored kept ones) and another (the receiver) gets ``delta``
+channels back (its highest-scored removed ones); likewise one KV group for one KV group.
+The search is a (1+1) evolution strategy with first improvement, as in EvoPress
+(Sieberling et al., 2024), which searches compression levels per layer the same way: a
+random move is evaluated and kept if the KL goes down. ``delta`` starts at 1/16 of a
+layer's channels and halves after ``PATIENCE`` rejected moves in a row, down to
+``round_mlp_to`` (or 8 channels).
+
+Cost: the unpruned model's log-probabilities and the current plan's hidden states
+entering every layer are cached, so a move between layers a and b reruns only layers
+min(a, b)..L-1 and the head: about half a forward pass per move on ``samples`` sequences.
+
+Overfitting guard: when the calibration batch has more samples than the search uses,
+the next ``samples`` ones (never searched on) are scored before and after; the search
+result is kept only if their KL goes down too, and both numbers go into the plan's
+provenance with every accepted move.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+import time
+
+import torch
+from tqdm.auto import tqdm
+
+from gqaprune.prune.compensate import capture_layer_inputs
+from gqaprune.prune.plan import PrunePlan, finish_plan
+from gqaprune.prune.sensitivity import _head, _kl, _logprobs, _ZeroInputs
+from gqaprune.prune.structure import ModelLayout, decoder_layers, q_rows
+
+log = logging.getLogger(__name__)
+
+PATIENCE = 12          # rejected moves in a row before the MLP step halves
+MIN_DELTA = 8          # smallest MLP move (channels) without --round-mlp-to
+
+
+class _State:
+    """Removed units per layer, chosen by score within the layer (lowest first)."""
+
+    def __init__(self, layout: ModelLayout, scores: list[dict], kv_rm: list[int], mlp_rm: list[int]):
+        self.layout, self.scores = layout, scores
+        self.kv_rm, self.mlp_rm = list(kv_rm), list(mlp_rm)
+        self._order = [(torch.argsort(s["kv"].double(), stable=True), torch.argsort(s["mlp"].double(), stable=True))
+                       for s in scores]
+
+    def copy(self) -> _State:
+        c = _State.__new__(_State)
+        c.layout, c.scores, c._order = self.layout, self.scores, self._order
+        c.kv_rm, c.mlp_rm = list(self.kv_rm), list(self.mlp_rm)
+        return c
+
+    def removed(self, i: int) -> tuple[list[int], torch.Tensor]:
+        kv, mlp = self._order[i]
+        return sorted(kv[: self.kv_rm[i]].tolist()), mlp[: self.mlp_rm[i]]
+
+    def keep(self) -> tuple[list[list[int]], list[list[int]]]:
+        kv_keep, mlp_keep = [], []
+        for i, s in enumerate(self.layout.layers):
+            kv, mlp = self._order[i]
+            kv_keep.append(sorted(kv[self.kv_rm[i]:].tolist()))
+            mlp_keep.append(sorted(mlp[self.mlp_rm[i]:].tolist()))
+        return kv_keep, mlp_keep
+
+
+class _Evaluator:
+    """KL(dense || state) on fixed calibration samples, rerunning only the layers a move touches."""
+
+    @torch.no_grad()
+    def __init__(self, model, layout: ModelLayout, ids: torch.Tensor, batch_size: int):
+        self.model, self.layout = model, layout
+        self.layers = decoder_layers(model)
+        self.norm, self.head = _head(model)
+        batches = capture_layer_inputs(model, ids, batch_size)
+        self.kws = [kw for _, kw in batches]
+        self.tokens = sum(h.shape[0] * (h.shape[1] - 1) for h, _ in batches)
+        h0 = [h for h, _ in batches]
+        hs = h0
+        for layer in self.layers:
+            hs = [layer(h, **kw) for h, kw in zip(hs, self.kws)]
+        self.ref = [_logprobs(self.norm, self.head, h) for h in hs]
+        self.h0 = h0
+        self.cache: list[list[torch.Tensor]] | None = None   # hidden states entering each layer, current state
+
+    def _hooks(self, state: _State, start: int) -> list[_ZeroInputs]:
+        r, d = self.layout.q_per_kv, self.layout.head_dim
+        hooks = []
+        for i in range(start, len(self.layers)):
+            kv_rm, ch_rm = state.removed(i)
+            if kv_rm:
+                hooks.append(_ZeroInputs(self.layers[i].self_attn.o_proj, q_rows(kv_rm, r, d)))
+            if len(ch_rm):
+                hooks.append(_ZeroInputs(self.layers[i].mlp.down_proj, ch_rm))
+        return hooks
+
+    @torch.no_grad()
+    def run(self, state: _State, start: int = 0, keep: bool = False) -> tuple[float, list | None]:
+        """Mean KL per token; with ``keep`` also the hidden states entering layers start..L-1."""
+        hooks = self._hooks(state, start)
+        kept = [[] for _ in range(start, len(self.layers))] if keep else None
+        kl = 0.0
+        try:
+            for j, kw in enumerate(self.kws):
+                h = self.h0[j] if start == 0 else self.cache[start][j]
+                for li in range(start, len(self.layers)):
+                    if keep:
+                        kept[li - start].append(h)
+                    h = self.layers[li](h, **kw)
+                kl += _kl(self.ref[j], _logprobs(self.norm, self.head, h))
+        finally:
+            for hk in hooks:
+                hk.remove()
+        return kl / self.tokens, kept
+
+    def reset(self, state: _State) -> float:
+        kl, kept = self.run(state, 0, keep=True)
+        self.cache = kept
+        return kl
+
+    def commit(self, start: int, kept: list) -> None:
+        self.cache[start:] = kept
+
+
+def _moves(state: _State, pruned: list[int], delta: int, floor_mlp: int, rng: random.Random):
+    """One random parameter-neutral move: ('mlp'|'kv', donor, receiver, amount) or None."""
+    lay = state.layout
+    kinds = []
+    mlp_donors = [i for i in pruned if lay.layers[i].n_mlp - state.mlp_rm[i] - delta >= floor_mlp]
+    mlp_recv = [i for i in pruned if state.mlp_rm[i] >= delta]
+    if mlp_donors and mlp_recv and (len(set(mlp_donors) | set(mlp_recv)) > 1):
+        kinds.append("mlp")
+    kv_donors = [i for i in pruned if lay.layers[i].n_kv - state.kv_rm[i] - 1 >= 1]
+    kv_recv = [i for i in pruned if state.kv_rm[i] >= 1]
+    if kv_donors and kv_recv and (len(set(kv_donors) | set(kv_recv)) > 1):
+        kinds.append("kv")
+    if not kinds:
+        return None
+    kind = rng.choice(kinds)
+    donors, recv = (mlp_donors, mlp_recv) if kind == "mlp" else (kv_donors, kv_recv)
+    for _ in range(50):
+        a, b = rng.choice(donors), rng.choice(recv)
+        if a != b:
+            return kind, a, b, (delta if kind == "mlp" else 1)
+    return None
+
+
+def _apply(state: _State, move) -> _State:
+    kind, a, b, n = move
+    s = state.copy()
+    rm = s.mlp_rm if kind == "mlp" else s.kv_rm
+    rm[a] += n
+    rm[b] -= n
+    return s
+
+
+@torch.no_grad()
+def search_allocation(model, layout: ModelLayout, scores: list[dict], plan: PrunePlan, ids: torch.Tensor,
+                      pruned: list[int], *, evaluations: int = 150, samples: int = 8, batch_size: int = 8,
+                      min_mlp: int = 1, round_mlp_to: int | None = None, seed: int = 0,
+                      progress: bool = True) -> tuple[PrunePlan, dict]:
+    """Refine ``plan``'s per-layer counts (same parameters) to lower calibration KL; returns (plan, report)."""
+    t0 = time.perf_counter()
+    kv_rm = [s.n_kv - len(k) for s, k in zip(layout.layers, plan.kv_groups)]
+    mlp_rm = [s.n_mlp - len(c) for s, c in zip(layout.layers, plan.mlp_channels)]
+    state = _State(layout, scores, kv_rm, mlp_rm)
+    search_ids = ids[:samples]
+    check_ids = ids[samples: 2 * samples]
+    was = model.training
+    model.eval()
+    rng = random.Random(seed)
+    step = max(round_mlp_to or 1, 1)
+    n_mlp = max(s.n_mlp for s in layout.layers)
+    delta = max(step, step * round(n_mlp / 16 / step))
+    floor_delta = max(step, MIN_DELTA if step == 1 else step)
+    floor_mlp = max(min_mlp, 1)
+    accepted, tried, fails = [], 0, 0
+    try:
+        ev = _Evaluator(model, layout, search_ids, batch_size)
+        check = _Evaluator(model, layout, check_ids, batch_size) if check_ids.shape[0] else None
+        start_kl = ev.reset(state)
+        check_start = check.run(state)[0] if check else None
+        cur_kl = start_kl
+        bar = tqdm(total=evaluations, desc="allocation search", disable=not progress, leave=False)
+        while tried < evaluations:
+            move = _moves(state, pruned, delta, floor_mlp, rng)
+            if move is None:
+                break
+            cand = _apply(state, move)
+            lo = min(move[1], move[2])
+            kl, kept = ev.run(cand, lo, keep=True)
+            tried += 1
+            bar.update(1)
+            if kl < cur_kl:
+                state, cur_kl = cand, kl
+                ev.commit(lo, kept)
+                accepted.append({"eval": tried, "kind": move[0], "donor": move[1], "receiver": move[2],
+                                 "units": move[3], "kl": kl})
+                fails = 0
+            else:
+                fails += 1
+                if fails >= PATIENCE and delta > floor_delta:
+                    delta = max(floor_delta, step * max(1, round(delta / 2 / step)))
+                    fails = 0
+            bar.set_postfix(kl=f"{cur_kl:.4f}", delta=delta)
+        bar.close()
+        check_end = check.run(state)[0] if check else None
+    finally:
+        model.train(was)
+    kept_result = check is None or check_end <= check_start
+    rep = {"evaluations": tried, "accepted": accepted, "samples": int(search_ids.shape[0]), "tokens": ev.tokens,
+           "kl_start": start_kl, "kl_end": cur_kl, "check_samples": int(check_ids.shape[0]),
+           "check_kl_start": check_start, "check_kl_end": check_end, "used": kept_result,
+           "seconds": round(time.perf_counter() - t0, 2)}
+    if not kept_result:
+        rep["why_not"] = "the KL on the check samples (not searched on) went up: kept the starting allocation"
+        log.info("allocation search rejected: check KL %.4f -> %.4f", check_start, check_end)
+        return plan, rep
+    kv_keep, mlp_keep = state.keep()
+    prov = plan.provenance
+    new = finish_plan(layout, kv_keep, mlp_keep, _budget_of(prov), prov["params_removed_target"],
+                      pruned, layout_kind=plan.layout, min_mlp=min_mlp, round_mlp_to=round_mlp_to,
+                      provenance={k: v for k, v in prov.items()})
+    log.info("allocation search: KL %.4f -> %.4f over %d moves (%d accepted)", start_kl, cur_kl, tried,
+             len(accepted))
+    return new, rep
+
+
+def _budget_of(prov: dict):
+    from gqaprune.prune.plan import Budget
+
+    b = prov["budget"]
+    return Budget(b["pruning_ratio"], b["target_params"])
+
+
+def summary_line(rep: dict) -> str:
+    chk = ""
+    if rep.get("check_kl_start") is not None:
+        chk = f"; on {rep['check_samples']} other calibration samples {rep['check_kl_start']:.4f} -> " \
+              f"{rep['check_kl_end']:.4f}"
+    used = "" if rep.get("used", True) else " (rejected: " + rep.get("why_not", "") + ")"
+    return (f"allocation search: KL per token on {rep['tokens']:,} calibration tokens {rep['kl_start']:.4f} -> "
+            f"{rep['kl_end']:.4f}, {len(rep['accepted'])} of {rep['evaluations']} moves kept{chk}{used}")

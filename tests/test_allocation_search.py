@@ -1,0 +1,124 @@
+"""--allocation search: local search over per-layer counts on calibration KL (tiny models)."""
+
+from __future__ import annotations
+
+import copy
+import json
+
+import pytest
+import torch
+from conftest import make_tiny_model
+
+from gqaprune.errors import GQAPruneError
+from gqaprune.prune.allocation_search import _Evaluator, _State, search_allocation
+from gqaprune.prune.calibrate import score_units
+from gqaprune.prune.plan import Budget, PrunePlan, check_budget, make_plan
+from gqaprune.prune.run import PruneOptions, prune_model
+from gqaprune.prune.structure import count_params, model_layout
+from gqaprune.prune.surgery import apply_plan
+
+CALIB = torch.randint(3, 320, (8, 32), generator=torch.Generator().manual_seed(5))
+
+
+def _kl_of(dense, pruned, ids) -> float:
+    with torch.no_grad():
+        p = torch.log_softmax(dense(input_ids=ids).logits[:, :-1].float(), -1)
+        q = torch.log_softmax(pruned(input_ids=ids).logits[:, :-1].float(), -1)
+    return float((p.exp() * (p - q)).sum(-1).mean())
+
+
+def test_cached_partial_reruns_give_the_full_forward_kl():
+    m = make_tiny_model(num_hidden_layers=4, num_key_value_heads=4, num_attention_heads=8)
+    m.eval()
+    lay = model_layout(m)
+    scores = score_units(m, lay, "magnitude", None)
+    plan = make_plan(lay, scores, Budget(ratio=0.3), layout_kind="per-layer")
+    state = _State(lay, scores, [s.n_kv - k for s, k in zip(lay.layers, plan.kept_kv)],
+                   [s.n_mlp - k for s, k in zip(lay.layers, plan.kept_mlp)])
+    ev = _Evaluator(m, lay, CALIB[:4], batch_size=2)
+    kl0 = ev.reset(state)
+    assert abs(kl0 - _kl_of(m, apply_plan(copy.deepcopy(m), plan), CALIB[:4])) < 1e-5
+    # a move between layers 2 and 3 rerun from layer 2 equals the full rerun of the moved state
+    moved = state.copy()
+    moved.mlp_rm[2] += 8
+    moved.mlp_rm[3] -= 8
+    part, _ = ev.run(moved, 2)
+    full, _ = ev.run(moved, 0)
+    assert abs(part - full) < 1e-6 and abs(part - kl0) > 1e-7
+
+
+def test_search_lowers_calibration_kl_and_keeps_the_parameter_count():
+    m = make_tiny_model(num_hidden_layers=4)
+    m.eval()
+    lay = model_layout(m)
+    scores = score_units(m, lay, "magnitude", None)
+    plan = make_plan(lay, scores, Budget(ratio=0.3), layout_kind="per-layer")
+    _, pruned = check_budget(lay, Budget(ratio=0.3))
+    new, rep = search_allocation(m, lay, scores, plan, CALIB[:4], pruned, evaluations=40, samples=4,
+                                 batch_size=4, progress=False)
+    assert rep["evaluations"] == 40 and rep["check_samples"] == 0
+    assert rep["kl_end"] < rep["kl_start"] and rep["accepted"]
+    assert all(a["kl"] < b for a, b in zip(rep["accepted"], [rep["kl_start"]] + [x["kl"] for x in rep["accepted"]]))
+    assert new.provenance["params_after"] == plan.provenance["params_after"]
+    assert (new.kept_mlp, new.kept_kv) != (plan.kept_mlp, plan.kept_kv)
+    # the recorded KL is the sliced model's
+    assert abs(_kl_of(m, apply_plan(copy.deepcopy(m), new), CALIB[:4]) - rep["kl_end"]) < 1e-5
+    # within each layer the scores still choose
+    for i, keep in enumerate(new.mlp_channels):
+        top = sorted(torch.argsort(scores[i]["mlp"], descending=True, stable=True)[:len(keep)].tolist())
+        assert keep == top
+
+
+def test_search_result_is_rejected_when_the_check_samples_disagree(monkeypatch):
+    import gqaprune.prune.allocation_search as A
+
+    m = make_tiny_model(num_hidden_layers=3)
+    m.eval()
+    lay = model_layout(m)
+    scores = score_units(m, lay, "magnitude", None)
+    plan = make_plan(lay, scores, Budget(ratio=0.3), layout_kind="per-layer")
+    _, pruned = check_budget(lay, Budget(ratio=0.3))
+    real = A._Evaluator.run
+    calls = {"n": 0}
+
+    def run(self, state, start=0, keep=False):    # the check set (4 samples, never searched) reports a rise
+        kl, kept = real(self, state, start, keep)
+        if getattr(self, "_is_check", False):
+            calls["n"] += 1
+            return kl + calls["n"], kept
+        return kl, kept
+
+    orig_init = A._Evaluator.__init__
+
+    def init(self, model, layout, ids, batch_size):
+        orig_init(self, model, layout, ids, batch_size)
+        self._is_check = ids.data_ptr() != CALIB.data_ptr()
+
+    monkeypatch.setattr(A._Evaluator, "run", run)
+    monkeypatch.setattr(A._Evaluator, "__init__", init)
+    new, rep = search_allocation(m, lay, scores, plan, CALIB, pruned, evaluations=20, samples=4, batch_size=4,
+                                 progress=False)
+    assert rep["check_samples"] == 4 and rep["check_kl_end"] > rep["check_kl_start"]
+    assert rep["used"] is False and new is plan
+
+
+def test_prune_with_allocation_search_records_provenance_and_replays():
+    m = make_tiny_model(num_hidden_layers=4)
+    o = PruneOptions(pruning_ratio=0.3, criterion="taylor", layout="per-layer", allocation="search",
+                     sensitivity_samples=4, search_samples=4, search_evaluations=25, calib_batch_size=4,
+                     compensate=True)
+    pruned, plan = prune_model(copy.deepcopy(m), o, CALIB, progress=False)
+    prov = plan.provenance
+    assert prov["allocation"] == "search" and prov["sensitivity"]["samples"] == 4
+    rep = prov["allocation_search"][0]
+    assert rep["evaluations"] == 25 and rep["kl_end"] <= rep["kl_start"] and rep["check_samples"] == 4
+    assert count_params(pruned) == prov["params_after"]
+    again = PrunePlan.from_dict(json.loads(plan.to_json()))
+    assert again == plan
+    from gqaprune.prune.run import notes_for
+    assert any(n.startswith("allocation search: KL per token") for n in notes_for(plan))
+
+
+def test_allocation_search_needs_per_layer_layout(tiny_model):
+    with pytest.raises(GQAPruneError, match="per-layer"):
+        prune_model(tiny_model, PruneOptions(pruning_ratio=0.3, allocation="search"), CALIB, progress=False)
