@@ -31,7 +31,9 @@ The grid is staged so the expensive parts run only where they can matter:
   11. (only with --stages 11) the best row at any calibration size re-run with --big-samples
       calibration samples (e.g. 256: does more calibration data still help?);
   12. (only with --stages 12) the best row at --big-samples with --allocation search (the
-      sensitivity allocation refined by local search on calibration KL) instead of sensitivity.
+      sensitivity allocation refined by local search on calibration KL) instead of sensitivity;
+  13. (only with --stages 13) stage 12's row with calibration seed 1 (its robustness check,
+      runnable before or beside stage 12).
 Efficiency: the dense model is loaded once, WikiText-2 tokenised once, each criterion
 scored once per calibration seed (scores do not depend on layout or ratio), each
 sensitivity measured once per (criterion, ratio); every row prunes a deepcopy.
@@ -389,6 +391,10 @@ def main(argv=None) -> int:
         for ratio in ratios:
             if b := ab.best(ratio, samples=big, allocation="sensitivity"):
                 ab.run(12, ratio, **(config_of(b) | {"allocation": "search"}), samples=big)
+    if 13 in stages:
+        for ratio in ratios:
+            if b := ab.best(ratio, samples=big, allocation="sensitivity"):
+                ab.run(13, ratio, **(config_of(b) | {"allocation": "search"}), seed=1, samples=big)
     ab.data["meta"]["wall_s_this_invocation"] = round(time.perf_counter() - t0, 1)
     ab.data["meta"]["loadavg_end"] = [round(x, 2) for x in os.getloadavg()]
     ab.save()
