@@ -483,6 +483,9 @@ def render(data: dict, path: Path) -> None:
                     d = rob[0]["ppl"] / b["ppl"] - 1
                     L.append(f"  - robustness, calibration seed 1 (another Alpaca slice): PPL {rob[0]['ppl']:.2f} "
                              f"({d:+.1%} vs seed 0): {'within' if abs(d) <= 0.10 else 'NOT within'} 10%")
+                elif label == "best":
+                    L.append("  - robustness, calibration seed 1 (another Alpaca slice): **not measured yet** (stage 7 "
+                             "or 13)")
         L.append("")
     prs = [r for r in data.get("peers", []) if r.get("ppl") is not None]
     if prs and rows:
