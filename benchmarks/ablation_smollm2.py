@@ -90,6 +90,7 @@ def parse_args(argv=None):
 def machine_info() -> dict:
     import torch
     import transformers
+
     from _common import cpu_name
 
     cpu = cpu_name()
@@ -260,9 +261,9 @@ class Ablation:
         """Torch-Pruning (benchmarks/peers.py, its LLM example's recipe, eager attention) at the parameter
         count of gqaprune's uniform row at ``ratio``, scored on the same WikiText-2 tokens; Taylor reads
         gradients over the same calibration tokens (seed 0)."""
-        import peers
         import torch
 
+        import peers
         from gqaprune.evaluate.perplexity import perplexity_of_ids
 
         key = f"tp|{importance}|{ratio}"
@@ -478,7 +479,7 @@ def render(data: dict, path: Path) -> None:
                          f"{b.get('samples', cal.get('samples'))} calibration samples: PPL {b['ppl']:.2f} = "
                          f"{b['x_dense']:.2f}x dense (goal <= {goal:g}x): **{verdict}**")
                 rob = [r for r in rows if r["ratio"] == ratio and r["seed"] == 1 and config_of(r) == config_of(b)
-                       and r.get("samples") == b.get("samples")]
+                       and all(r.get(k) == b.get(k) for k in ("samples", "search_evaluations", "search_samples"))]
                 if rob:
                     d = rob[0]["ppl"] / b["ppl"] - 1
                     L.append(f"  - robustness, calibration seed 1 (another Alpaca slice): PPL {rob[0]['ppl']:.2f} "

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import os
 import sys
 
 CONFIGS = [("uniform 20%", "uniform", 0.2, None), ("uniform 20% mlp%64", "uniform", 0.2, 64),
@@ -56,8 +57,6 @@ def main(argv=None) -> int:
     res.meta["command"] = "python benchmarks/bench_smollm2.py " + " ".join(argv if argv is not None else sys.argv[1:])
     jpath, mpath = res.save(args.out)
     text = mpath.read_text()
-    import os
-
     from _common import cpu_name
 
     machine = (f"Machine: {cpu_name()}, {os.cpu_count()} cores; load average at the end "

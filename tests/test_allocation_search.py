@@ -7,13 +7,13 @@ import json
 
 import pytest
 import torch
-from conftest import make_tiny_model
 
+from conftest import make_tiny_model
 from gqaprune.errors import GQAPruneError
 from gqaprune.prune.allocation_search import _Evaluator, _State, search_allocation
 from gqaprune.prune.calibrate import score_units
-from gqaprune.prune.plan import Budget, PrunePlan, check_budget, make_plan
-from gqaprune.prune.run import PruneOptions, prune_model
+from gqaprune.prune.plan import Budget, PrunePlan, make_plan
+from gqaprune.prune.run import PruneOptions, notes_for, prune_model
 from gqaprune.prune.structure import count_params, model_layout
 from gqaprune.prune.surgery import apply_plan
 
@@ -27,12 +27,16 @@ def _kl_of(dense, pruned, ids) -> float:
     return float((p.exp() * (p - q)).sum(-1).mean())
 
 
-def test_cached_partial_reruns_give_the_full_forward_kl():
-    m = make_tiny_model(num_hidden_layers=4, num_key_value_heads=4, num_attention_heads=8)
-    m.eval()
+def _setup(**cfg):
+    """A tiny model (eval mode), its layout, magnitude scores and a 30% per-layer plan."""
+    m = make_tiny_model(**cfg).eval()
     lay = model_layout(m)
     scores = score_units(m, lay, "magnitude", None)
-    plan = make_plan(lay, scores, Budget(ratio=0.3), layout_kind="per-layer")
+    return m, lay, scores, make_plan(lay, scores, Budget(ratio=0.3), layout_kind="per-layer")
+
+
+def test_cached_partial_reruns_give_the_full_forward_kl():
+    m, lay, scores, plan = _setup(num_hidden_layers=4, num_key_value_heads=4, num_attention_heads=8)
     state = _State(lay, scores, [s.n_kv - k for s, k in zip(lay.layers, plan.kept_kv)],
                    [s.n_mlp - k for s, k in zip(lay.layers, plan.kept_mlp)])
     ev = _Evaluator(m, lay, CALIB[:4], batch_size=2)
@@ -48,13 +52,8 @@ def test_cached_partial_reruns_give_the_full_forward_kl():
 
 
 def test_search_lowers_calibration_kl_and_keeps_the_parameter_count():
-    m = make_tiny_model(num_hidden_layers=4)
-    m.eval()
-    lay = model_layout(m)
-    scores = score_units(m, lay, "magnitude", None)
-    plan = make_plan(lay, scores, Budget(ratio=0.3), layout_kind="per-layer")
-    _, pruned = check_budget(lay, Budget(ratio=0.3))
-    new, rep = search_allocation(m, lay, scores, plan, CALIB[:4], pruned, evaluations=40, samples=4,
+    m, lay, scores, plan = _setup(num_hidden_layers=4)
+    new, rep = search_allocation(m, lay, scores, plan, CALIB[:4], evaluations=40, samples=4,
                                  batch_size=4, progress=False)
     assert rep["evaluations"] == 40 and rep["check_samples"] == 0
     assert rep["kl_end"] < rep["kl_start"] and rep["accepted"]
@@ -72,31 +71,19 @@ def test_search_lowers_calibration_kl_and_keeps_the_parameter_count():
 def test_search_result_is_rejected_when_the_check_samples_disagree(monkeypatch):
     import gqaprune.prune.allocation_search as A
 
-    m = make_tiny_model(num_hidden_layers=3)
-    m.eval()
-    lay = model_layout(m)
-    scores = score_units(m, lay, "magnitude", None)
-    plan = make_plan(lay, scores, Budget(ratio=0.3), layout_kind="per-layer")
-    _, pruned = check_budget(lay, Budget(ratio=0.3))
+    m, lay, scores, plan = _setup(num_hidden_layers=3)
     real = A._Evaluator.run
     calls = {"n": 0}
 
-    def run(self, state, start=0, keep=False):    # the check set (4 samples, never searched) reports a rise
+    def run(self, state, start=0, keep=False):
         kl, kept = real(self, state, start, keep)
-        if getattr(self, "_is_check", False):
+        if not keep:   # only the check samples are scored without keeping states: make their KL rise each time
             calls["n"] += 1
-            return kl + calls["n"], kept
+            kl += calls["n"]
         return kl, kept
 
-    orig_init = A._Evaluator.__init__
-
-    def init(self, model, layout, ids, batch_size):
-        orig_init(self, model, layout, ids, batch_size)
-        self._is_check = ids.data_ptr() != CALIB.data_ptr()
-
     monkeypatch.setattr(A._Evaluator, "run", run)
-    monkeypatch.setattr(A._Evaluator, "__init__", init)
-    new, rep = search_allocation(m, lay, scores, plan, CALIB, pruned, evaluations=20, samples=4, batch_size=4,
+    new, rep = search_allocation(m, lay, scores, plan, CALIB, evaluations=20, samples=4, batch_size=4,
                                  progress=False)
     assert rep["check_samples"] == 4 and rep["check_kl_end"] > rep["check_kl_start"]
     assert rep["used"] is False and new is plan
@@ -115,7 +102,6 @@ def test_prune_with_allocation_search_records_provenance_and_replays():
     assert count_params(pruned) == prov["params_after"]
     again = PrunePlan.from_dict(json.loads(plan.to_json()))
     assert again == plan
-    from gqaprune.prune.run import notes_for
     assert any(n.startswith("allocation search: KL per token") for n in notes_for(plan))
 
 

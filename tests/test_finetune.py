@@ -354,4 +354,6 @@ def test_tokens_per_second_counts_the_training_loop_only(tmp_path, per_layer_dir
     # train() holds the callbacks' window plus its own setup; the evaluations are outside both
     assert res.train_seconds >= clock.wall - 0.05, (res.train_seconds, clock.wall)
     assert res.wall_seconds >= res.train_seconds + 4.0     # both evaluations are in the wall time
-    assert res.tokens_per_second == pytest.approx(res.train_tokens / res.train_seconds, rel=1e-3)
+    # train_seconds is rounded to the millisecond: on a sub-second loop that alone moves the ratio by ~0.1%
+    assert res.tokens_per_second == pytest.approx(res.train_tokens / res.train_seconds,
+                                                  rel=1e-3 + 0.0005 / res.train_seconds)

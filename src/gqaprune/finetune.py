@@ -32,8 +32,8 @@ import os
 import re
 import shutil
 import time
-import warnings
 import uuid
+import warnings
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any

@@ -28,6 +28,7 @@ provenance with every accepted move.
 
 from __future__ import annotations
 
+import copy
 import logging
 import random
 import time
@@ -36,9 +37,9 @@ import torch
 from tqdm.auto import tqdm
 
 from gqaprune.prune.compensate import capture_layer_inputs
-from gqaprune.prune.plan import PrunePlan, finish_plan
-from gqaprune.prune.sensitivity import _head, _kl, _logprobs, _ZeroInputs
-from gqaprune.prune.structure import ModelLayout, decoder_layers, q_rows
+from gqaprune.prune.plan import Budget, PrunePlan, finish_plan
+from gqaprune.prune.sensitivity import _head, _kl, _logprobs, _ZeroInputs, zero_units
+from gqaprune.prune.structure import ModelLayout, decoder_layers
 
 log = logging.getLogger(__name__)
 
@@ -50,14 +51,13 @@ class _State:
     """Removed units per layer, chosen by score within the layer (lowest first)."""
 
     def __init__(self, layout: ModelLayout, scores: list[dict], kv_rm: list[int], mlp_rm: list[int]):
-        self.layout, self.scores = layout, scores
+        self.layout = layout
         self.kv_rm, self.mlp_rm = list(kv_rm), list(mlp_rm)
         self._order = [(torch.argsort(s["kv"].double(), stable=True), torch.argsort(s["mlp"].double(), stable=True))
                        for s in scores]
 
     def copy(self) -> _State:
-        c = _State.__new__(_State)
-        c.layout, c.scores, c._order = self.layout, self.scores, self._order
+        c = copy.copy(self)    # the score orders are shared, the counts are not
         c.kv_rm, c.mlp_rm = list(self.kv_rm), list(self.mlp_rm)
         return c
 
@@ -67,8 +67,7 @@ class _State:
 
     def keep(self) -> tuple[list[list[int]], list[list[int]]]:
         kv_keep, mlp_keep = [], []
-        for i, s in enumerate(self.layout.layers):
-            kv, mlp = self._order[i]
+        for i, (kv, mlp) in enumerate(self._order):
             kv_keep.append(sorted(kv[self.kv_rm[i]:].tolist()))
             mlp_keep.append(sorted(mlp[self.mlp_rm[i]:].tolist()))
         return kv_keep, mlp_keep
@@ -79,7 +78,7 @@ class _Evaluator:
 
     @torch.no_grad()
     def __init__(self, model, layout: ModelLayout, ids: torch.Tensor, batch_size: int):
-        self.model, self.layout = model, layout
+        self.layout = layout
         self.layers = decoder_layers(model)
         self.norm, self.head = _head(model)
         batches = capture_layer_inputs(model, ids, batch_size)
@@ -95,14 +94,7 @@ class _Evaluator:
 
     def _hooks(self, state: _State, start: int) -> list[_ZeroInputs]:
         r, d = self.layout.q_per_kv, self.layout.head_dim
-        hooks = []
-        for i in range(start, len(self.layers)):
-            kv_rm, ch_rm = state.removed(i)
-            if kv_rm:
-                hooks.append(_ZeroInputs(self.layers[i].self_attn.o_proj, q_rows(kv_rm, r, d)))
-            if len(ch_rm):
-                hooks.append(_ZeroInputs(self.layers[i].mlp.down_proj, ch_rm))
-        return hooks
+        return [hk for i in range(start, len(self.layers)) for hk in zero_units(self.layers[i], *state.removed(i), r, d)]
 
     @torch.no_grad()
     def run(self, state: _State, start: int = 0, keep: bool = False) -> tuple[float, list | None]:
@@ -165,12 +157,17 @@ def _apply(state: _State, move) -> _State:
 
 
 @torch.no_grad()
-def search_allocation(model, layout: ModelLayout, scores: list[dict], plan: PrunePlan, ids: torch.Tensor,
-                      pruned: list[int], *, evaluations: int = 150, samples: int = 8, batch_size: int = 8,
+def search_allocation(model, layout: ModelLayout, scores: list[dict], plan: PrunePlan, ids: torch.Tensor, *,
+                      evaluations: int = 150, samples: int = 8, batch_size: int = 8,
                       min_mlp: int = 1, round_mlp_to: int | None = None, seed: int = 0,
                       progress: bool = True) -> tuple[PrunePlan, dict]:
-    """Refine ``plan``'s per-layer counts (same parameters) to lower calibration KL; returns (plan, report)."""
+    """Refine ``plan``'s per-layer counts (same parameters) to lower calibration KL; returns (plan, report).
+
+    The layers that may change and the budget are the plan's own (its provenance).
+    """
     t0 = time.perf_counter()
+    prov = plan.provenance
+    pruned = [i for i in range(layout.num_layers) if i not in set(prov["protected_layers"])]
     kv_rm = [s.n_kv - len(k) for s, k in zip(layout.layers, plan.kv_groups)]
     mlp_rm = [s.n_mlp - len(c) for s, c in zip(layout.layers, plan.mlp_channels)]
     state = _State(layout, scores, kv_rm, mlp_rm)
@@ -182,7 +179,7 @@ def search_allocation(model, layout: ModelLayout, scores: list[dict], plan: Prun
     step = max(round_mlp_to or 1, 1)
     n_mlp = max(s.n_mlp for s in layout.layers)
     delta = max(step, step * round(n_mlp / 16 / step))
-    floor_delta = max(step, MIN_DELTA if step == 1 else step)
+    floor_delta = MIN_DELTA if step == 1 else step
     floor_mlp = max(min_mlp, 1)
     accepted, tried, fails = [], 0, 0
     try:
@@ -227,20 +224,12 @@ def search_allocation(model, layout: ModelLayout, scores: list[dict], plan: Prun
         log.info("allocation search rejected: check KL %.4f -> %.4f", check_start, check_end)
         return plan, rep
     kv_keep, mlp_keep = state.keep()
-    prov = plan.provenance
-    new = finish_plan(layout, kv_keep, mlp_keep, _budget_of(prov), prov["params_removed_target"],
-                      pruned, layout_kind=plan.layout, min_mlp=min_mlp, round_mlp_to=round_mlp_to,
-                      provenance={k: v for k, v in prov.items()})
+    budget = Budget(prov["budget"]["pruning_ratio"], prov["budget"]["target_params"])
+    new = finish_plan(layout, kv_keep, mlp_keep, budget, prov["params_removed_target"], pruned,
+                      layout_kind=plan.layout, min_mlp=min_mlp, round_mlp_to=round_mlp_to, provenance=prov)
     log.info("allocation search: KL %.4f -> %.4f over %d moves (%d accepted)", start_kl, cur_kl, tried,
              len(accepted))
     return new, rep
-
-
-def _budget_of(prov: dict):
-    from gqaprune.prune.plan import Budget
-
-    b = prov["budget"]
-    return Budget(b["pruning_ratio"], b["target_params"])
 
 
 def summary_line(rep: dict) -> str:

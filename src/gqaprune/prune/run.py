@@ -14,14 +14,7 @@ from gqaprune.errors import GQAPruneError
 from gqaprune.options import opt
 from gqaprune.prune.compensate import TARGETS as COMPENSATE_TARGETS
 from gqaprune.prune.importance import CRITERIA
-from gqaprune.prune.plan import (
-    LAYOUTS,
-    Budget,
-    PrunePlan,
-    check_budget,
-    finish_plan,
-    make_plan,
-)
+from gqaprune.prune.plan import LAYOUTS, Budget, PrunePlan, check_budget, finish_plan, make_plan
 from gqaprune.prune.sensitivity import ALLOCATIONS, SPLITS
 from gqaprune.prune.structure import count_params, model_layout
 
@@ -255,8 +248,7 @@ def prune_model(model, opts: PruneOptions, ids: torch.Tensor | None, *, scores: 
         if opts.allocation == "search":
             from gqaprune.prune.allocation_search import search_allocation
 
-            _, pruned_k = check_budget(lay, step_budget, opts.keep_first, opts.keep_last, opts.min_mlp)
-            plan_k, arep = search_allocation(cur, lay, sc, plan_k, ids, pruned_k, evaluations=opts.search_evaluations,
+            plan_k, arep = search_allocation(cur, lay, sc, plan_k, ids, evaluations=opts.search_evaluations,
                                              samples=opts.search_samples, batch_size=opts.calib_batch_size,
                                              min_mlp=opts.min_mlp, round_mlp_to=opts.round_mlp_to,
                                              seed=opts.seed + k - 1, progress=progress)

@@ -101,6 +101,16 @@ class _ZeroInputs:
         self.h.remove()
 
 
+def zero_units(layer, kv_rm, ch_rm, r: int, d: int) -> list[_ZeroInputs]:
+    """Hooks that remove KV groups ``kv_rm`` and MLP channels ``ch_rm`` from ``layer`` (weights untouched)."""
+    hooks = []
+    if len(kv_rm):
+        hooks.append(_ZeroInputs(layer.self_attn.o_proj, q_rows(sorted(kv_rm), r, d)))
+    if len(ch_rm):
+        hooks.append(_ZeroInputs(layer.mlp.down_proj, torch.as_tensor(ch_rm, dtype=torch.long)))
+    return hooks
+
+
 def probe_counts(layout: ModelLayout, removed: int, pruned: list[int], min_mlp: int,
                  round_mlp_to: int | None) -> dict[int, tuple[int, int]]:
     """layer -> (KV groups, MLP channels) its probe removes: the uniform layout's per-layer counts.
@@ -145,11 +155,7 @@ def layer_sensitivity(model, layout: ModelLayout, scores: list[dict], ids: torch
             k, m = counts[i]
             kv_rm = torch.argsort(scores[i]["kv"].double(), stable=True)[:k].tolist()
             ch_rm = torch.argsort(scores[i]["mlp"].double(), stable=True)[:m]
-            hooks = []
-            if kv_rm:
-                hooks.append(_ZeroInputs(layers[i].self_attn.o_proj, q_rows(sorted(kv_rm), r, d)))
-            if m:
-                hooks.append(_ZeroInputs(layers[i].mlp.down_proj, ch_rm))
+            hooks = zero_units(layers[i], kv_rm, ch_rm, r, d)
             nll, kl = 0.0, 0.0
             try:
                 for j, x in enumerate(id_batches):
@@ -226,12 +232,8 @@ class DenseReference:
         self.model.eval()
         try:
             for i, (layer, s) in enumerate(zip(layers, layout.layers)):
-                kv_rm = sorted(set(range(s.n_kv)) - set(plan.kv_groups[i]))
-                ch_rm = sorted(set(range(s.n_mlp)) - set(plan.mlp_channels[i]))
-                if kv_rm:
-                    hooks.append(_ZeroInputs(layer.self_attn.o_proj, q_rows(kv_rm, r, d)))
-                if ch_rm:
-                    hooks.append(_ZeroInputs(layer.mlp.down_proj, torch.tensor(ch_rm, dtype=torch.long)))
+                hooks += zero_units(layer, sorted(set(range(s.n_kv)) - set(plan.kv_groups[i])),
+                                    sorted(set(range(s.n_mlp)) - set(plan.mlp_channels[i])), r, d)
             kl = sum(_kl(ref, self._logprobs(x)) for ref, x in zip(self.ref, self.batches))
         finally:
             for hk in hooks:
