@@ -126,3 +126,24 @@ def test_peft_model_is_accepted(tiny_model, tokenizer, data_env, no_network):
     model = get_peft_model(tiny_model, LoraConfig(r=4, target_modules=["q_proj", "v_proj"]))
     res = zs.zeroshot(model, tokenizer, "piqa", limit=2)
     assert res["piqa"].n == 2 and 0 <= res["piqa"].acc <= 1
+
+
+def test_no_lm_eval_noise_outside_a_git_repository(tiny_model, tokenizer, data_env, no_network, tmp_path,
+                                                    monkeypatch, capfd, caplog):
+    """Run from a folder that is not a git repository: git's "fatal: not a git repository" and
+    lm-eval's warnings about how it is handed the model must not reach the user."""
+    import logging
+
+    import lm_eval.evaluator as ev
+
+    monkeypatch.setenv("GQAPRUNE_DATA_DIR", str(data_env.resolve()))
+    monkeypatch.chdir(tmp_path)
+    orig = ev.get_git_commit_hash
+    with caplog.at_level(logging.WARNING):
+        res = zs.zeroshot(tiny_model, tokenizer, ["boolq"], limit=2, batch_size=2)
+    assert res["boolq"].n == 2
+    err = capfd.readouterr().err
+    assert "not a git repository" not in err
+    noise = [r.getMessage() for r in caplog.records if any(w in r.getMessage() for w in zs._EXPECTED_WARNINGS)]
+    assert noise == []
+    assert ev.get_git_commit_hash is orig  # restored afterwards

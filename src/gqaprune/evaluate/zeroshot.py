@@ -261,6 +261,48 @@ def hf_offline() -> Iterator[None]:
                 os.environ[k] = v
 
 
+# lm-eval warnings that say nothing about the user's run: how we hand it a model, and stock
+# task YAMLs (boolq) that leave a metric's aggregation to lm-eval's default, which it then uses
+_EXPECTED_WARNINGS = ("`pretrained` model kwarg is not of type `str`",
+                      "Passed an already-initialized model through `pretrained`",
+                      "is defined, but aggregation is not", "is defined, but higher_is_better is not")
+
+
+def _drop_expected(record) -> bool:
+    msg = str(record.msg)
+    return not any(w in msg for w in _EXPECTED_WARNINGS)
+
+
+@contextlib.contextmanager
+def _quiet_lm_eval() -> Iterator[None]:
+    """Silence lm-eval's noise that says nothing about the user's run: the warnings above, and
+    git's "fatal: not a git repository" when lm-eval records ``git describe`` outside a repository."""
+    import subprocess
+
+    import lm_eval.evaluator as ev
+
+    def quiet_git_hash():
+        try:
+            out = subprocess.run(["git", "describe", "--always"], capture_output=True, text=True, timeout=10)
+        except (OSError, subprocess.SubprocessError):
+            return None
+        return (out.stdout.strip() or None) if out.returncode == 0 else None
+
+    loggers = [logging.getLogger(n) for n in ("lm_eval.models.huggingface", "lm_eval.api.task")]
+    for lg in loggers:
+        lg.addFilter(_drop_expected)
+    orig = getattr(ev, "get_git_commit_hash", None)
+    if orig is not None:
+        ev.get_git_commit_hash = quiet_git_hash
+    try:
+        yield
+    finally:
+        for lg in loggers:
+            lg.removeFilter(_drop_expected)
+        if orig is not None:
+            ev.get_git_commit_hash = orig
+
+
 def _source(cfg: dict[str, Any]) -> str:
     name = cfg.get("dataset_name")
     return f"hub:{cfg.get('dataset_path')}" + (f"/{name}" if name else "")
@@ -307,7 +349,7 @@ def zeroshot(model, tokenizer, tasks: str | Sequence[str], *, limit: int | None 
     offline = root is not None
     guard = hf_offline() if offline else contextlib.nullcontext()
     t0 = time.perf_counter()
-    with guard:
+    with guard, _quiet_lm_eval():
         configs = {t: task_config(t, files.get(t)) for t in names}
         task_objs = {}
         for t, cfg in configs.items():
