@@ -115,6 +115,16 @@ def test_corrupt_safetensors_refused(tiny_dir, tmp_path, capsys):
     _bad(["eval", "--model", str(tiny_dir), "--ppl", str(f)], capsys, "corrupt")
 
 
+def test_wrong_data_dir_fails_before_any_work(tmp_path, monkeypatch, capsys):
+    """A $GQAPRUNE_DATA_DIR that is not a folder is reported at once (exit 2, resolved path),
+    before the model is even looked for."""
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("GQAPRUNE_DATA_DIR", "../no-such-data")
+    err = _bad(["eval", "--model", str(tmp_path / "no-such-model")], capsys, "not a folder")
+    assert str((tmp_path / "../no-such-data").resolve()) in err
+    assert "no-such-model" not in err  # the data folder is checked first
+
+
 def test_eval_ppl_protocol_on_known_model(tmp_path, tokenizer, capsys):
     """A model with a zero lm_head predicts uniformly: PPL must equal the vocabulary size exactly."""
     m = make_tiny_model()

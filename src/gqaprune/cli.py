@@ -6,6 +6,7 @@ import argparse
 import logging
 import sys
 
+from gqaprune.data import data_dir
 from gqaprune.errors import GQAPruneError
 from gqaprune.options import add_options, options_from_args
 
@@ -218,6 +219,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.print_help()
         return 2
     try:
+        data_dir()  # a wrong $GQAPRUNE_DATA_DIR fails now, not after minutes of work
         return COMMANDS[ns.command][2](ns)
     except GQAPruneError as e:
         print(f"gqaprune {ns.command}: error: {e}", file=sys.stderr)

@@ -64,7 +64,9 @@ def data_dir() -> Path | None:
         return None
     p = Path(d).expanduser()
     if not p.is_dir():
-        raise GQAPruneError(f"{DATA_DIR_ENV}={d}: not a folder; point it at a folder laid out like shared/data")
+        where = "" if p.is_absolute() else f" (relative to the current folder: {p.resolve()})"
+        raise GQAPruneError(f"{DATA_DIR_ENV}={d}: not a folder{where}; point it at a folder laid out like "
+                            "shared/data (an absolute path works from anywhere), or unset it to use the Hub")
     return p
 
 
