@@ -48,6 +48,12 @@ class RunOptions:
     criterion: str = opt("taylor", "importance criterion")
     layout: str = opt("uniform", "uniform or per-layer")
     round_mlp_to: int | None = opt(None, "keep a multiple of M MLP channels per layer (128 recommended on GPUs)")
+    num_samples: int | None = opt(None, "calibration samples for pruning (default: 64; quick: 16)")
+    compensate: bool = opt(False, "prune: refit o_proj/down_proj of the kept units by least squares (gqaprune prune "
+                           "--compensate)")
+    steps: int = opt(1, "prune: remove the budget in K steps, re-scoring between them")
+    allocation: str = opt("scores", "prune, per-layer layout: scores, sensitivity or search (see gqaprune prune)")
+    split: str = opt("balanced", "prune: attention vs MLP share, balanced or search (see gqaprune prune)")
     num_epochs: float = opt(2.0, "fine-tuning epochs (guide: 2)")
     learning_rate: float = opt(5e-5, "learning rate (guide: 5e-5)")
     batch_size: int = opt(128, "global batch (guide: 128)")
@@ -72,13 +78,36 @@ class RunResult:
 def _profile_settings(opts: RunOptions) -> dict:
     """Per-step knobs of the profile. quick: budgets sized for smollm2-135m on a 2-core CPU."""
     if opts.profile == "quick":
-        return {"num_samples": 16, "ppl_max_tokens": 8192, "max_steps": 12, "batch_size": 8, "micro_batch_size": 4,
+        return {"num_samples": opts.num_samples or 16, "ppl_max_tokens": 8192, "max_steps": 12, "batch_size": 8, "micro_batch_size": 4,
                 "val_set_size": 40, "max_train_samples": 400, "eval_steps": 6, "save_steps": 6,
                 "extra_val_max_tokens": 4096, "tasks": opts.tasks or QUICK_TASKS, "limit": 20, "cutoff_len": 128}
-    return {"num_samples": 64, "ppl_max_tokens": None, "max_steps": None, "batch_size": opts.batch_size,
+    return {"num_samples": opts.num_samples or 64, "ppl_max_tokens": None, "max_steps": None, "batch_size": opts.batch_size,
             "micro_batch_size": opts.micro_batch_size, "val_set_size": 2000, "max_train_samples": None,
             "eval_steps": 100, "save_steps": 200, "extra_val_max_tokens": None, "tasks": opts.tasks or FULL_TASKS,
             "limit": None, "cutoff_len": opts.cutoff_len}
+
+
+# options that do not change what a finished step computed: a resumed run may change them
+_RESUME_FREE = ("overwrite", "device", "wandb_project")
+
+
+def _check_resumable(root: Path, opts: RunOptions, step_dirs) -> None:
+    """Refuse to reuse finished steps that were made with other options (they would be skipped)."""
+    f = root / "run_options.json"
+    if not f.is_file() or not any(d.is_dir() and any(d.iterdir()) for d in step_dirs):
+        return
+    try:
+        old = json.loads(f.read_text())
+    except (OSError, ValueError):
+        return
+    now = vars(opts)
+    defaults = vars(RunOptions())
+    diffs = [f"{k.replace('_', '-')} {old.get(k, defaults[k])!r} -> {now[k]!r}" for k in now
+             if k not in _RESUME_FREE and old.get(k, defaults[k]) != now[k]]
+    if diffs:
+        raise GQAPruneError(
+            f"{root}: holds a run made with other options ({'; '.join(diffs)}); its finished steps would be "
+            "reused as they are. Pass --overwrite to start again there, or choose another --output-root.")
 
 
 def run_pipeline(opts: RunOptions, *, on_step=None) -> RunResult:
@@ -99,6 +128,8 @@ def run_pipeline(opts: RunOptions, *, on_step=None) -> RunResult:
     if opts.overwrite:
         for d in dirs.values():
             shutil.rmtree(d, ignore_errors=True)
+    else:
+        _check_resumable(root, opts, dirs.values())
     root.mkdir(parents=True, exist_ok=True)
     (root / "run_options.json").write_text(json.dumps({**vars(opts), "settings": s}, indent=2, default=str))
     res = RunResult(str(root), opts.profile)
@@ -120,6 +151,7 @@ def run_pipeline(opts: RunOptions, *, on_step=None) -> RunResult:
     step("pruned", (dirs["pruned"] / "config.json").is_file(), lambda: prune(PruneOptions(
         model=opts.model, output=str(dirs["pruned"]), pruning_ratio=opts.pruning_ratio, criterion=opts.criterion,
         layout=opts.layout, calibration=calib, num_samples=s["num_samples"], round_mlp_to=opts.round_mlp_to,
+        compensate=opts.compensate, steps=opts.steps, allocation=opts.allocation, split=opts.split,
         eval_ppl=["wikitext2"], ppl_max_tokens=s["ppl_max_tokens"], device=opts.device)))
 
     lora_done = (dirs["lora"] / "finetune_summary.json").is_file()

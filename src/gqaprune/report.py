@@ -78,6 +78,7 @@ def write_run_report(root):
               f"- criterion {plan['provenance'].get('criterion') if plan else '?'}, layout "
               f"{plan['layout'] if plan else '?'}; calibration: {plan['provenance'].get('calibration') if plan else '?'}",
               f"- wall time {prune['wall_s']:.0f} s, peak RSS {prune['peak_rss_mb']:,.0f} MiB"]
+        L += [f"- {n}" for n in prune.get("notes") or []]  # compensation, sensitivity, split, steps, search
         for b, a in zip(prune.get("ppl_before", []), prune.get("ppl_after", [])):
             L.append(f"- PPL before {_ppl_text(b)} -> after pruning {a['ppl']:.2f} ({a['ppl'] / b['ppl']:.2f}x)")
         L += ["", "![kept units per layer](pruned/kept_units.png)", ""]
