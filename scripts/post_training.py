@@ -19,7 +19,7 @@ import sys
 
 
 def main(argv: list[str] | None = None) -> int:
-    from gqaprune.errors import GQAPruneError
+    from gqaprune.errors import GQAPruneError, Interrupted
     from gqaprune.finetune import FinetuneOptions, finetune
     from gqaprune.options import add_options, options_from_args
 
@@ -34,6 +34,9 @@ def main(argv: list[str] | None = None) -> int:
         result = finetune(options_from_args(FinetuneOptions, ns))
     except GQAPruneError as e:
         print(f"error: {e}", file=sys.stderr)
+        return e.exit_code
+    except Interrupted as e:
+        print(f"interrupted: {e}. Continue with --resume_from_checkpoint last.", file=sys.stderr)
         return e.exit_code
     if rank == 0:
         print("\n".join(result.lines()))

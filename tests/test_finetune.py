@@ -201,6 +201,66 @@ def test_resume_continues_same_steps_and_data_order(tmp_path, records_path):
     assert all(torch.allclose(a[k], b[k], atol=1e-6) for k in a)
 
 
+def test_ctrl_c_saves_a_checkpoint_then_resume_finishes_the_same_run(tmp_path, records_path, capsys):
+    """The first SIGINT saves a checkpoint at the end of the current optimizer step (not only at
+    --save_steps) and stops; the CLI says where and exits 130; 'last' resumes from there and ends
+    where the uninterrupted run does."""
+    import os
+    import signal
+
+    from transformers import TrainerCallback
+
+    from gqaprune.cli import main
+    from gqaprune.errors import Interrupted
+
+    base = save_dense(tmp_path / "dense")
+    common = dict(batch_size=2, micro_batch_size=2, max_steps=6, save_steps=100, eval_steps=0, val_set_size=0)
+    ref = finetune(_opts(tmp_path, base, records_path, output_dir=str(tmp_path / "ref"), **common))
+
+    class CtrlC(TrainerCallback):
+        def on_step_begin(self, args, state, control, **kw):
+            if state.global_step == 2:  # arrives during step 3
+                os.kill(os.getpid(), signal.SIGINT)
+
+    run = tmp_path / "run"
+    handler = signal.getsignal(signal.SIGINT)
+    with pytest.raises(Interrupted) as ei:
+        finetune(_opts(tmp_path, base, records_path, output_dir=str(run), **common), callbacks=[CtrlC()])
+    assert signal.getsignal(signal.SIGINT) is handler  # the default Ctrl-C behaviour is back
+    assert ei.value.checkpoint.endswith("checkpoint-3") and (run / "checkpoint-3").is_dir()
+    assert not (run / "finetune_summary.json").exists()   # not mistaken for a finished run (gqaprune run)
+    assert "step 3" in str(ei.value)
+    res = finetune(_opts(tmp_path, base, records_path, output_dir=str(run), resume_from_checkpoint="last",
+                         **common))
+    assert res.global_step == ref.global_step == 6 and res.resumed_from.endswith("checkpoint-3")
+    a = load_file(run / "adapter_model.safetensors")
+    b = load_file(tmp_path / "ref" / "adapter_model.safetensors")
+    assert all(torch.allclose(a[k], b[k], atol=1e-5) for k in a)
+
+    # through the CLI: the message names the checkpoint and how to continue; exit code 130
+    out2 = tmp_path / "cli"
+    import gqaprune.finetune as ft
+
+    real = ft.finetune
+    ft_calls = []
+
+    def with_ctrl_c(o, **kw):
+        ft_calls.append(o)
+        return real(o, callbacks=[CtrlC()])
+
+    mp = pytest.MonkeyPatch()
+    mp.setattr(ft, "finetune", with_ctrl_c)
+    try:
+        rc = main(["finetune", "--prune_model", str(base), "--data_path", str(records_path), "--output_dir",
+                   str(out2), "--batch_size", "2", "--micro_batch_size", "2", "--max_steps", "6", "--save_steps",
+                   "100", "--eval_steps", "0", "--val_set_size", "0", "--cache_dir", str(tmp_path / "cache")])
+    finally:
+        mp.undo()
+    err = capsys.readouterr().err
+    assert ft_calls and rc == 130, err
+    assert "checkpoint-3" in err and "--resume_from_checkpoint last" in err
+
+
 def test_nan_loss_stops_with_step_and_keeps_checkpoint(tmp_path, records_path):
     from transformers import TrainerCallback
 

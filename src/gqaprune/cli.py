@@ -7,7 +7,7 @@ import logging
 import sys
 
 from gqaprune.data import data_dir
-from gqaprune.errors import GQAPruneError
+from gqaprune.errors import GQAPruneError, Interrupted
 from gqaprune.options import add_options, options_from_args
 
 
@@ -210,6 +210,17 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+# what is left after Ctrl-C, per command (outputs are written atomically at the end unless said here)
+_ON_INTERRUPT = {
+    "finetune": "checkpoints saved so far are kept in --output_dir; continue with --resume_from_checkpoint last",
+    "run": "finished steps are kept (and LoRA checkpoints); run the same command again to continue",
+    "prune": "nothing was written to the output folder",
+    "merge": "nothing was written to the output folder",
+}
+_CONTINUE = {"finetune": "Continue with --resume_from_checkpoint last.",
+             "run": "Run the same command again to continue from there."}
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     ns = parser.parse_args(argv)
@@ -224,8 +235,12 @@ def main(argv: list[str] | None = None) -> int:
     except GQAPruneError as e:
         print(f"gqaprune {ns.command}: error: {e}", file=sys.stderr)
         return 2
+    except Interrupted as e:
+        print(f"gqaprune {ns.command}: interrupted: {e}. {_CONTINUE.get(ns.command, '')}".rstrip(), file=sys.stderr)
+        return e.exit_code
     except KeyboardInterrupt:
-        print(f"gqaprune {ns.command}: interrupted; nothing was written to the output folder", file=sys.stderr)
+        print(f"gqaprune {ns.command}: interrupted; {_ON_INTERRUPT.get(ns.command, 'no result was written')}",
+              file=sys.stderr)
         return 130
 
 

@@ -9,3 +9,13 @@ class GQAPruneError(Exception):
     """
 
     exit_code = 2
+
+
+class Interrupted(Exception):
+    """The user stopped a run (Ctrl-C) after its state was saved; the CLI says where and exits 130."""
+
+    exit_code = 130
+
+    def __init__(self, message: str, checkpoint: str | None = None):
+        super().__init__(message)
+        self.checkpoint = checkpoint

@@ -41,7 +41,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from gqaprune.errors import GQAPruneError
+from gqaprune.errors import GQAPruneError, Interrupted
 from gqaprune.options import opt
 
 log = logging.getLogger(__name__)
@@ -1193,6 +1193,42 @@ def _make_trainer_classes():
     return LoRATrainer, MetricsCallback, EvalEvery, PPLTracker, QuietProgress
 
 
+def _graceful_stop():
+    """A callback that turns the first Ctrl-C into "save a checkpoint after this optimizer step, then
+    stop", so nothing since the last ``--save_steps`` checkpoint is lost; a second Ctrl-C stops at once.
+    Single process only (under torchrun every rank gets the signal at a different point)."""
+    import signal
+    import sys
+
+    from transformers import TrainerCallback
+
+    class GracefulStop(TrainerCallback):
+        def __init__(self):
+            self.requested, self._prev = False, None
+
+        def install(self):
+            self._prev = signal.signal(signal.SIGINT, self._on_sigint)
+
+        def uninstall(self):
+            if self._prev is not None:
+                signal.signal(signal.SIGINT, self._prev)
+                self._prev = None
+
+        def _on_sigint(self, signum, frame):
+            if self.requested:
+                raise KeyboardInterrupt
+            self.requested = True
+            print("\ninterrupted: saving a checkpoint after this optimizer step, then stopping "
+                  "(Ctrl-C again to stop at once)", file=sys.stderr, flush=True)
+
+        def on_step_end(self, args, state, control, **kw):
+            if self.requested:
+                control.should_save, control.should_training_stop = True, True
+            return control
+
+    return GracefulStop()
+
+
 class _Diverged(RuntimeError):
     def __init__(self, step: int, loss: float):
         super().__init__(f"loss {loss} at optimizer step {step}")
@@ -1439,15 +1475,27 @@ def finetune(opts: FinetuneOptions, *, callbacks: list | None = None) -> Finetun
                     "run/train_examples": len(train_ds), "run/precision": precision,
                     "run/resumed_from": resume})
 
+    import threading
+
+    stopper = None
+    if world_size == 1 and threading.current_thread() is threading.main_thread():
+        stopper = _graceful_stop()
+        trainer.add_callback(stopper)
     status, message, diverged = "completed", "", None
     t0 = time.perf_counter()
     train_start = side_start = side_end = None
     try:
+        if stopper is not None:
+            stopper.install()
         if eval_enabled and resume is None:
             trainer.evaluate()  # step 0: val loss and PPL before fine-tuning
         train_start, side_start = time.perf_counter(), trainer.side_seconds
         trainer.train(resume_from_checkpoint=resume)
         train_end, side_end = time.perf_counter(), trainer.side_seconds   # the final evaluation is not in the loop
+        if stopper is not None and stopper.requested:
+            ckpt = _last_ckpt(out)
+            raise Interrupted(f"stopped at optimizer step {trainer.state.global_step}; checkpoint saved: {ckpt}",
+                              checkpoint=ckpt)
         if eval_enabled and (opts.eval_steps == 0 or trainer.state.global_step % opts.eval_steps):
             trainer.evaluate()
     except _Diverged as e:
@@ -1464,6 +1512,9 @@ def finetune(opts: FinetuneOptions, *, callbacks: list | None = None) -> Finetun
     except BaseException:
         sink.close()  # an interrupted run still closes its W&B run and TensorBoard file
         raise
+    finally:
+        if stopper is not None:
+            stopper.uninstall()
     wall_seconds = time.perf_counter() - t0
     # tokens/s counts the training loop only: evaluations and checkpoint saves inside it are subtracted.
     run_seconds = 1e-9
