@@ -34,6 +34,11 @@ The grid is staged so the expensive parts run only where they can matter:
       sensitivity allocation refined by local search on calibration KL) instead of sensitivity;
   13. (only with --stages 13) stage 12's row with calibration seed 1 (its robustness check,
       runnable before or beside stage 12).
+  Stages 12 and 13 run the search with same-kind moves only (--search-moves same), as first
+  measured; 14 and 15 repeat them with mixed moves (the default since: a layer may also trade
+  a KV group for the same parameters in MLP channels):
+  14. (only with --stages 14) stage 12 with --search-moves mixed;
+  15. (only with --stages 15) stage 14's row with calibration seed 1 (runnable beside 14).
 Efficiency: the dense model is loaded once, WikiText-2 tokenised once, each criterion
 scored once per calibration seed (scores do not depend on layout or ratio), each
 sensitivity measured once per (criterion, ratio); every row prunes a deepcopy.
@@ -190,7 +195,7 @@ class Ablation:
     # ------------------------------------------------------------------ one row
     def run(self, stage: int, ratio: float, criterion: str, layout: str = "uniform", allocation: str = "scores",
             split: str = "balanced", compensate: bool = False, steps: int = 1, target: str = "layer",
-            seed: int = 0, samples: int | None = None) -> dict:
+            seed: int = 0, samples: int | None = None, search_moves: str = "same") -> dict:
         import torch
 
         from gqaprune.evaluate.perplexity import perplexity_of_ids
@@ -203,6 +208,8 @@ class Ablation:
             cfg["samples"] = samples
         if allocation == "search":
             cfg |= {"search_evaluations": self.args.search_evaluations, "search_samples": self.args.search_samples}
+            if search_moves != "same":   # rows searched with same-kind moves keep their old keys
+                cfg["search_moves"] = search_moves
         key = key_of(cfg)
         if key in self.done:
             return self.done[key]
@@ -213,7 +220,7 @@ class Ablation:
                             split=split, compensate=compensate, compensate_target=target, steps=steps, seed=seed,
                             calib_batch_size=a.batch_size, num_samples=samples, seq_len=a.seq_len,
                             sensitivity_samples=a.sensitivity_samples, search_evaluations=a.search_evaluations,
-                            search_samples=a.search_samples)
+                            search_samples=a.search_samples, search_moves=search_moves)
         t = time.perf_counter()
         sens = self.sens.get((criterion, ratio, seed, samples))
         pruned, plan = prune_model(copy.deepcopy(self.model), opts, ids, scores=scores, sensitivity=sens,
@@ -238,7 +245,9 @@ class Ablation:
             row["sensitivity"] = {x["layer"]: round(x["weight"], 3) for x in prov["sensitivity"]["layers"]}
             row["sensitivity_seconds"] = prov["sensitivity"]["seconds"]
         if prov.get("allocation_search"):
-            row["allocation_search"] = [{k: v for k, v in r.items() if k != "accepted"} | {"moves_kept": len(r["accepted"])}
+            row["allocation_search"] = [{k: v for k, v in r.items() if k != "accepted"} | {"moves_kept": len(r["accepted"]),
+                                        "kv_traded": sum(m["kind"] == "kv>mlp" for m in r["accepted"])
+                                        - sum(m["kind"] == "mlp>kv" for m in r["accepted"])}
                                         for r in prov["allocation_search"]]
         if prov.get("split_search"):
             row["split_search"] = [{"step": r["step"], "chosen_kv_fraction": r["chosen_kv_fraction"],
@@ -309,12 +318,13 @@ class Ablation:
 
 def config_of(r: dict) -> dict:
     return {k: r[k] for k in ("criterion", "layout", "allocation", "split", "compensate", "steps")} | \
-        {"target": r["target"] or "layer"}
+        {"target": r["target"] or "layer"} | \
+        ({"search_moves": r.get("search_moves", "same")} if r["allocation"] == "search" else {})
 
 
 def layout_label(r: dict) -> str:
     return r["layout"] + {"sensitivity": " + sensitivity", "search": " + sensitivity + allocation search"}.get(
-        r["allocation"], "") + \
+        r["allocation"], "") + (" (mixed moves)" if r.get("search_moves") == "mixed" else "") + \
         (" + split search" if r.get("split") == "search" else "")
 
 
@@ -391,11 +401,18 @@ def main(argv=None) -> int:
     if 12 in stages:
         for ratio in ratios:
             if b := ab.best(ratio, samples=big, allocation="sensitivity"):
-                ab.run(12, ratio, **(config_of(b) | {"allocation": "search"}), samples=big)
+                ab.run(12, ratio, **(config_of(b) | {"allocation": "search", "search_moves": "same"}), samples=big)
     if 13 in stages:
         for ratio in ratios:
             if b := ab.best(ratio, samples=big, allocation="sensitivity"):
-                ab.run(13, ratio, **(config_of(b) | {"allocation": "search"}), seed=1, samples=big)
+                ab.run(13, ratio, **(config_of(b) | {"allocation": "search", "search_moves": "same"}), seed=1,
+                       samples=big)
+    for st, seed in ((14, 0), (15, 1)):
+        if st in stages:
+            for ratio in ratios:
+                if b := ab.best(ratio, samples=big, allocation="sensitivity"):
+                    ab.run(st, ratio, **(config_of(b) | {"allocation": "search", "search_moves": "mixed"}), seed=seed,
+                           samples=big)
     ab.data["meta"]["wall_s_this_invocation"] = round(time.perf_counter() - t0, 1)
     ab.data["meta"]["loadavg_end"] = [round(x, 2) for x in os.getloadavg()]
     ab.save()
@@ -479,14 +496,15 @@ def render(data: dict, path: Path) -> None:
                          f"{b.get('samples', cal.get('samples'))} calibration samples: PPL {b['ppl']:.2f} = "
                          f"{b['x_dense']:.2f}x dense (goal <= {goal:g}x): **{verdict}**")
                 rob = [r for r in rows if r["ratio"] == ratio and r["seed"] == 1 and config_of(r) == config_of(b)
-                       and all(r.get(k) == b.get(k) for k in ("samples", "search_evaluations", "search_samples"))]
+                       and all(r.get(k) == b.get(k) for k in ("samples", "search_evaluations", "search_samples",
+                                                               "search_moves"))]
                 if rob:
                     d = rob[0]["ppl"] / b["ppl"] - 1
                     L.append(f"  - robustness, calibration seed 1 (another Alpaca slice): PPL {rob[0]['ppl']:.2f} "
                              f"({d:+.1%} vs seed 0): {'within' if abs(d) <= 0.10 else 'NOT within'} 10%")
                 elif label == "best":
-                    L.append("  - robustness, calibration seed 1 (another Alpaca slice): **not measured yet** (stage 7 "
-                             "or 13)")
+                    L.append("  - robustness, calibration seed 1 (another Alpaca slice): **not measured yet** (stage 7, "
+                             "13 or 15)")
         L.append("")
     prs = [r for r in data.get("peers", []) if r.get("ppl") is not None]
     if prs and rows:
@@ -558,6 +576,8 @@ def render(data: dict, path: Path) -> None:
                 L.append(f"- {r['ratio']:.0%} {r['criterion']}{step}, {r.get('samples', cal.get('samples'))} calibration "
                          f"samples: KL {sr['kl_start']:.4f} → {sr['kl_end']:.4f} on {sr['tokens']:,} tokens "
                          f"({sr['moves_kept']} of {sr['evaluations']} moves kept{chk}; "
+                         + (f"{sr['moves']} moves, {sr['kv_traded']:+d} KV groups traded for MLP channels; "
+                            if sr.get("moves") == "mixed" else "") +
                          f"{'used' if sr.get('used', True) else 'rejected'}; {sr['seconds']:.0f} s)")
             L.append(f"  - kept KV groups per layer: {r['kv_per_layer']}; MLP channels: {r['mlp_per_layer']}")
         L.append("")

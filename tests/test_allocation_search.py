@@ -54,7 +54,7 @@ def test_cached_partial_reruns_give_the_full_forward_kl():
 def test_search_lowers_calibration_kl_and_keeps_the_parameter_count():
     m, lay, scores, plan = _setup(num_hidden_layers=4)
     new, rep = search_allocation(m, lay, scores, plan, CALIB[:4], evaluations=40, samples=4,
-                                 batch_size=4, progress=False)
+                                 batch_size=4, moves="same", progress=False)
     assert rep["evaluations"] == 40 and rep["check_samples"] == 0
     assert rep["kl_end"] < rep["kl_start"] and rep["accepted"]
     assert all(a["kl"] < b for a, b in zip(rep["accepted"], [rep["kl_start"]] + [x["kl"] for x in rep["accepted"]]))
@@ -102,9 +102,56 @@ def test_prune_with_allocation_search_records_provenance_and_replays():
     assert count_params(pruned) == prov["params_after"]
     again = PrunePlan.from_dict(json.loads(plan.to_json()))
     assert again == plan
-    assert any(n.startswith("allocation search: KL per token") for n in notes_for(plan))
+    assert any(n.startswith("allocation search (mixed moves): KL per token") for n in notes_for(plan))
 
 
 def test_allocation_search_needs_per_layer_layout(tiny_model):
     with pytest.raises(GQAPruneError, match="per-layer"):
         prune_model(tiny_model, PruneOptions(pruning_ratio=0.3, allocation="search"), CALIB, progress=False)
+
+
+def test_mixed_moves_trade_kv_groups_for_channels_and_stay_within_half_a_channel():
+    """Random mixed moves applied blindly: the removed parameter count never drifts more than half an
+    MLP channel from where it started, both trade directions occur, and they are what they say."""
+    import random
+
+    from gqaprune.prune.allocation_search import _apply, _moves, _removed_params
+
+    m, lay, scores, plan = _setup(num_hidden_layers=4)  # 2 KV groups of 4 query heads: 5120 / 192 parameters
+    A, M = lay.group_params, lay.channel_params
+    assert A % M  # the rounding is exercised
+    state = _State(lay, scores, [s.n_kv - k for s, k in zip(lay.layers, plan.kept_kv)],
+                   [s.n_mlp - k for s, k in zip(lay.layers, plan.kept_mlp)])
+    target, rng, seen = _removed_params(state), random.Random(0), set()
+    pruned = list(range(lay.num_layers))
+    for _ in range(300):
+        mv = _moves(state, pruned, 8, 1, rng, mixed=True, target=target)
+        kind, a, b, n = mv
+        new = _apply(state, mv)
+        if kind == "kv>mlp":
+            assert new.kv_rm[a] == state.kv_rm[a] + 1 and n == round((_removed_params(state) + A - target) / M)
+        if kind == "mlp>kv":
+            assert new.kv_rm[a] == state.kv_rm[a] - 1
+        assert abs(_removed_params(new) - target) <= M / 2, (kind, _removed_params(new) - target)
+        assert all(0 <= r < s.n_kv for r, s in zip(new.kv_rm, lay.layers))  # at least one group stays
+        assert all(0 <= r < s.n_mlp for r, s in zip(new.mlp_rm, lay.layers))
+        seen.add(kind)
+        state = new
+    assert {"kv>mlp", "mlp>kv", "mlp", "kv"} <= seen
+    # same-kind moves only: never a trade
+    rng = random.Random(0)
+    assert all(_moves(state, pruned, 8, 1, rng)[0] in ("mlp", "kv") for _ in range(50))
+
+
+def test_mixed_search_lowers_kl_and_reports_trades():
+    m, lay, scores, plan = _setup(num_hidden_layers=4, num_key_value_heads=4, num_attention_heads=8)
+    new, rep = search_allocation(m, lay, scores, plan, CALIB[:4], evaluations=60, samples=4, batch_size=4,
+                                 progress=False)
+    assert rep["moves"] == "mixed" and rep["kl_end"] < rep["kl_start"]
+    assert abs(new.provenance["params_after"] - plan.provenance["params_after"]) <= lay.channel_params / 2
+    assert abs(_kl_of(m, apply_plan(copy.deepcopy(m), new), CALIB[:4]) - rep["kl_end"]) < 1e-5
+    from gqaprune.prune.allocation_search import summary_line
+
+    assert "mixed moves" in summary_line(rep) and "KV groups traded" in summary_line(rep)
+    with pytest.raises(GQAPruneError, match="search-moves"):
+        search_allocation(m, lay, scores, plan, CALIB[:4], evaluations=1, samples=4, moves="any", progress=False)

@@ -7,9 +7,15 @@ and improves it directly on the quantity it stands in for: the KL divergence of 
 pruned model's next-token distribution from the unpruned model's, on calibration
 samples (units removed by zeroing their consuming columns, as in the split search).
 
-Moves keep the parameter count exactly: one layer (the donor) gives up ``delta`` more
-MLP channels (its lowest-scored kept ones) and another (the receiver) gets ``delta``
-channels back (its highest-scored removed ones); likewise one KV group for one KV group.
+Moves keep the parameter count: one layer (the donor) gives up ``delta`` more MLP
+channels (its lowest-scored kept ones) and another (the receiver) gets ``delta`` channels
+back (its highest-scored removed ones); likewise one KV group for one KV group. With
+``moves="mixed"`` (the default) a layer may also trade one KV group for MLP channels: it
+loses a KV group and a layer (itself or another) gets back as many channels as that group
+holds parameters (``group_params / channel_params``, 170.7 for SmolLM2, rounded; the
+rounding is carried so the total stays within half a channel, or half a ``round_mlp_to``
+step, of where it started), or the reverse. Exact for same-kind moves; ``moves="same"``
+allows only those (the search as first measured).
 The search is a (1+1) evolution strategy with first improvement, as in EvoPress
 (Sieberling et al., 2024), which searches compression levels per layer the same way: a
 random move is evaluated and kept if the KL goes down. ``delta`` starts at 1/16 of a
@@ -36,6 +42,7 @@ import time
 import torch
 from tqdm.auto import tqdm
 
+from gqaprune.errors import GQAPruneError
 from gqaprune.prune.compensate import capture_layer_inputs
 from gqaprune.prune.plan import Budget, PrunePlan, finish_plan
 from gqaprune.prune.sensitivity import _head, _kl, _logprobs, _ZeroInputs, zero_units
@@ -124,8 +131,27 @@ class _Evaluator:
         self.cache[start:] = kept
 
 
-def _moves(state: _State, pruned: list[int], delta: int, floor_mlp: int, rng: random.Random):
-    """One random parameter-neutral move: ('mlp'|'kv', donor, receiver, amount) or None."""
+MOVES = ("mixed", "same")
+
+
+def _removed_params(state: _State) -> int:
+    lay = state.layout
+    return sum(state.kv_rm) * lay.group_params + sum(state.mlp_rm) * lay.channel_params
+
+
+def _channels_for(excess: float, channel_params: int, step: int) -> int:
+    """MLP channels (a multiple of ``step``) whose parameters come nearest ``excess``."""
+    return step * round(excess / channel_params / step)
+
+
+def _moves(state: _State, pruned: list[int], delta: int, floor_mlp: int, rng: random.Random,
+           mixed: bool = False, target: int = 0, step: int = 1):
+    """One random move: ('mlp'|'kv'|'kv>mlp'|'mlp>kv', layer a, layer b, amount) or None.
+
+    'mlp' / 'kv': a gives up ``amount`` channels / one KV group, b gets as many back (exact).
+    'kv>mlp': a loses one KV group, b gets ``amount`` channels back; 'mlp>kv': a gets one KV
+    group back, b gives up ``amount`` channels (``mixed`` only; the total stays nearest ``target``).
+    """
     lay = state.layout
     kinds = []
     mlp_donors = [i for i in pruned if lay.layers[i].n_mlp - state.mlp_rm[i] - delta >= floor_mlp]
@@ -136,9 +162,24 @@ def _moves(state: _State, pruned: list[int], delta: int, floor_mlp: int, rng: ra
     kv_recv = [i for i in pruned if state.kv_rm[i] >= 1]
     if kv_donors and kv_recv and (len(set(kv_donors) | set(kv_recv)) > 1):
         kinds.append("kv")
+    cross = {}
+    if mixed:
+        now, A, M = _removed_params(state), lay.group_params, lay.channel_params
+        c = _channels_for(now + A - target, M, step)        # kv>mlp: channels given back for one group
+        recv = [i for i in pruned if state.mlp_rm[i] >= c]
+        if kv_donors and c > 0 and recv:
+            cross["kv>mlp"] = (kv_donors, recv, c)
+        c = _channels_for(target - (now - A), M, step)      # mlp>kv: channels taken for one group back
+        donors = [i for i in pruned if lay.layers[i].n_mlp - state.mlp_rm[i] - c >= floor_mlp]
+        if kv_recv and c > 0 and donors:
+            cross["mlp>kv"] = (kv_recv, donors, c)
+        kinds += list(cross)
     if not kinds:
         return None
     kind = rng.choice(kinds)
+    if kind in cross:
+        a_list, b_list, c = cross[kind]
+        return kind, rng.choice(a_list), rng.choice(b_list), c
     donors, recv = (mlp_donors, mlp_recv) if kind == "mlp" else (kv_donors, kv_recv)
     for _ in range(50):
         a, b = rng.choice(donors), rng.choice(recv)
@@ -150,27 +191,37 @@ def _moves(state: _State, pruned: list[int], delta: int, floor_mlp: int, rng: ra
 def _apply(state: _State, move) -> _State:
     kind, a, b, n = move
     s = state.copy()
-    rm = s.mlp_rm if kind == "mlp" else s.kv_rm
-    rm[a] += n
-    rm[b] -= n
+    if kind == "kv>mlp":
+        s.kv_rm[a] += 1
+        s.mlp_rm[b] -= n
+    elif kind == "mlp>kv":
+        s.kv_rm[a] -= 1
+        s.mlp_rm[b] += n
+    else:
+        rm = s.mlp_rm if kind == "mlp" else s.kv_rm
+        rm[a] += n
+        rm[b] -= n
     return s
 
 
 @torch.no_grad()
 def search_allocation(model, layout: ModelLayout, scores: list[dict], plan: PrunePlan, ids: torch.Tensor, *,
                       evaluations: int = 150, samples: int = 8, batch_size: int = 8,
-                      min_mlp: int = 1, round_mlp_to: int | None = None, seed: int = 0,
+                      min_mlp: int = 1, round_mlp_to: int | None = None, seed: int = 0, moves: str = "mixed",
                       progress: bool = True) -> tuple[PrunePlan, dict]:
     """Refine ``plan``'s per-layer counts (same parameters) to lower calibration KL; returns (plan, report).
 
     The layers that may change and the budget are the plan's own (its provenance).
     """
+    if moves not in MOVES:
+        raise GQAPruneError(f"--search-moves {moves}: choose one of {', '.join(MOVES)}")
     t0 = time.perf_counter()
     prov = plan.provenance
     pruned = [i for i in range(layout.num_layers) if i not in set(prov["protected_layers"])]
     kv_rm = [s.n_kv - len(k) for s, k in zip(layout.layers, plan.kv_groups)]
     mlp_rm = [s.n_mlp - len(c) for s, c in zip(layout.layers, plan.mlp_channels)]
     state = _State(layout, scores, kv_rm, mlp_rm)
+    target = _removed_params(state)
     search_ids = ids[:samples]
     check_ids = ids[samples: 2 * samples]
     was = model.training
@@ -190,7 +241,7 @@ def search_allocation(model, layout: ModelLayout, scores: list[dict], plan: Prun
         cur_kl = start_kl
         bar = tqdm(total=evaluations, desc="allocation search", disable=not progress, leave=False)
         while tried < evaluations:
-            move = _moves(state, pruned, delta, floor_mlp, rng)
+            move = _moves(state, pruned, delta, floor_mlp, rng, mixed=moves == "mixed", target=target, step=step)
             if move is None:
                 break
             cand = _apply(state, move)
@@ -215,7 +266,7 @@ def search_allocation(model, layout: ModelLayout, scores: list[dict], plan: Prun
     finally:
         model.train(was)
     kept_result = check is None or check_end <= check_start
-    rep = {"evaluations": tried, "accepted": accepted, "samples": int(search_ids.shape[0]), "tokens": ev.tokens,
+    rep = {"moves": moves, "evaluations": tried, "accepted": accepted, "samples": int(search_ids.shape[0]), "tokens": ev.tokens,
            "kl_start": start_kl, "kl_end": cur_kl, "check_samples": int(check_ids.shape[0]),
            "check_kl_start": check_start, "check_kl_end": check_end, "used": kept_result,
            "seconds": round(time.perf_counter() - t0, 2)}
@@ -238,5 +289,9 @@ def summary_line(rep: dict) -> str:
         chk = f"; on {rep['check_samples']} other calibration samples {rep['check_kl_start']:.4f} -> " \
               f"{rep['check_kl_end']:.4f}"
     used = "" if rep.get("used", True) else " (rejected: " + rep.get("why_not", "") + ")"
-    return (f"allocation search: KL per token on {rep['tokens']:,} calibration tokens {rep['kl_start']:.4f} -> "
-            f"{rep['kl_end']:.4f}, {len(rep['accepted'])} of {rep['evaluations']} moves kept{chk}{used}")
+    acc = rep["accepted"]
+    traded = sum(m["kind"] == "kv>mlp" for m in acc) - sum(m["kind"] == "mlp>kv" for m in acc)
+    trade = f" ({traded:+d} KV groups traded for MLP channels)" if rep.get("moves", "same") == "mixed" else ""
+    return (f"allocation search ({rep.get('moves', 'same')} moves): KL per token on {rep['tokens']:,} calibration "
+            f"tokens {rep['kl_start']:.4f} -> {rep['kl_end']:.4f}, {len(acc)} of {rep['evaluations']} moves kept"
+            f"{trade}{chk}{used}")

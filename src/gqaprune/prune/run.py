@@ -15,6 +15,7 @@ from gqaprune.options import opt
 from gqaprune.prune.compensate import TARGETS as COMPENSATE_TARGETS
 from gqaprune.prune.importance import CRITERIA
 from gqaprune.prune.plan import LAYOUTS, Budget, PrunePlan, check_budget, finish_plan, make_plan
+from gqaprune.prune.allocation_search import MOVES as SEARCH_MOVES
 from gqaprune.prune.sensitivity import ALLOCATIONS, SPLITS
 from gqaprune.prune.structure import count_params, model_layout
 
@@ -81,6 +82,9 @@ class PruneOptions:
                                    "splits (--allocation sensitivity, --split search)")
     search_evaluations: int = opt(150, "--allocation search: moves to try (each reruns about half the model on "
                                   "--search-samples samples)")
+    search_moves: str = opt("mixed", "--allocation search: mixed = layers may also trade a KV group for the same "
+                            "parameters in MLP channels (and back); same = only channels for channels, KV groups "
+                            "for KV groups", choices=SEARCH_MOVES)
     search_samples: int = opt(8, "--allocation search: calibration samples the KL is measured on (the next as "
                               "many, when there are, check that the result generalises)")
 
@@ -146,6 +150,8 @@ def check_options(opts: PruneOptions) -> None:
     if opts.search_evaluations < 1 or opts.search_samples < 1:
         raise GQAPruneError(f"--search-evaluations {opts.search_evaluations} / --search-samples "
                             f"{opts.search_samples}: both must be at least 1")
+    if opts.search_moves not in SEARCH_MOVES:
+        raise GQAPruneError(f"--search-moves {opts.search_moves}: choose one of {', '.join(SEARCH_MOVES)}")
     if opts.compensate_target not in COMPENSATE_TARGETS:
         raise GQAPruneError(f"--compensate-target {opts.compensate_target}: choose one of "
                             f"{', '.join(COMPENSATE_TARGETS)}")
@@ -251,7 +257,7 @@ def prune_model(model, opts: PruneOptions, ids: torch.Tensor | None, *, scores: 
             plan_k, arep = search_allocation(cur, lay, sc, plan_k, ids, evaluations=opts.search_evaluations,
                                              samples=opts.search_samples, batch_size=opts.calib_batch_size,
                                              min_mlp=opts.min_mlp, round_mlp_to=opts.round_mlp_to,
-                                             seed=opts.seed + k - 1, progress=progress)
+                                             seed=opts.seed + k - 1, moves=opts.search_moves, progress=progress)
             arep["step"] = k
             search_reports.append(arep)
         if opts.compensate:
