@@ -34,9 +34,9 @@ The grid is staged so the expensive parts run only where they can matter:
       sensitivity allocation refined by local search on calibration KL) instead of sensitivity;
   13. (only with --stages 13) stage 12's row with calibration seed 1 (its robustness check,
       runnable before or beside stage 12).
-  Stages 12 and 13 run the search with same-kind moves only (--search-moves same), as first
-  measured; 14 and 15 repeat them with mixed moves (the default since: a layer may also trade
-  a KV group for the same parameters in MLP channels):
+  Stages 12 and 13 run the search with same-kind moves only (--search-moves same, the default);
+  14 and 15 repeat them with mixed moves (a layer may also trade a KV group for the same
+  parameters in MLP channels):
   14. (only with --stages 14) stage 12 with --search-moves mixed;
   15. (only with --stages 15) stage 14's row with calibration seed 1 (runnable beside 14).
 Efficiency: the dense model is loaded once, WikiText-2 tokenised once, each criterion
