@@ -38,7 +38,10 @@ The grid is staged so the expensive parts run only where they can matter:
   14 and 15 repeat them with mixed moves (a layer may also trade a KV group for the same
   parameters in MLP channels):
   14. (only with --stages 14) stage 12 with --search-moves mixed;
-  15. (only with --stages 15) stage 14's row with calibration seed 1 (runnable beside 14).
+  15. (only with --stages 15) stage 14's row with calibration seed 1 (runnable beside 14);
+  16. (only with --stages 16) stage 12 with the Alpaca records as plain text (--calibration-format
+      text: no prompt template) for scoring, sensitivity, search and compensation;
+  17. (only with --stages 17) stage 16's row with calibration seed 1 (runnable beside 16).
 Efficiency: the dense model is loaded once, WikiText-2 tokenised once, each criterion
 scored once per calibration seed (scores do not depend on layout or ratio), each
 sensitivity measured once per (criterion, ratio); every row prunes a deepcopy.
@@ -167,27 +170,28 @@ class Ablation:
             self.save()
         log(f"dense PPL {self.data['dense']['ppl']:.2f} on {self.data['dense']['n_tokens']} tokens")
 
-    def calib(self, seed: int, samples: int):
+    def calib(self, seed: int, samples: int, fmt: str = "prompt"):
         from gqaprune.prune.calibrate import calibration_batch
 
-        if (seed, samples) not in self.ids:
-            self.ids[(seed, samples)] = calibration_batch(self.tok, self.args.calibration, samples,
-                                                          self.args.seq_len, seed)
-        return self.ids[(seed, samples)]
+        if (seed, samples, fmt) not in self.ids:
+            self.ids[(seed, samples, fmt)] = calibration_batch(self.tok, self.args.calibration, samples,
+                                                               self.args.seq_len, seed, fmt=fmt)
+        return self.ids[(seed, samples, fmt)]
 
-    def get_scores(self, criterion: str, seed: int, samples: int):
+    def get_scores(self, criterion: str, seed: int, samples: int, fmt: str = "prompt"):
         from gqaprune.prune.run import PruneOptions, score_model
         from gqaprune.prune.structure import model_layout
 
-        k = (criterion, seed, samples)
+        k = (criterion, seed, samples, fmt)
         if k not in self.scores:
-            ids, _ = self.calib(seed, samples)
+            ids, _ = self.calib(seed, samples, fmt)
             t = time.perf_counter()
             self.scores[k] = score_model(self.model, model_layout(self.model),
                                          PruneOptions(criterion=criterion, calib_batch_size=self.args.batch_size),
                                          ids, seed=seed, progress=False)
             sec = round(time.perf_counter() - t, 1)
-            name = f"{criterion}/seed{seed}" + (f"/{samples} samples" if samples != self.args.num_samples else "")
+            name = f"{criterion}/seed{seed}" + (f"/{samples} samples" if samples != self.args.num_samples else "") \
+                + (f"/{fmt}" if fmt != "prompt" else "")
             self.data.setdefault("scoring_seconds", {})[name] = sec
             log(f"scored {name} in {sec} s")
         return self.scores[k]
@@ -195,7 +199,8 @@ class Ablation:
     # ------------------------------------------------------------------ one row
     def run(self, stage: int, ratio: float, criterion: str, layout: str = "uniform", allocation: str = "scores",
             split: str = "balanced", compensate: bool = False, steps: int = 1, target: str = "layer",
-            seed: int = 0, samples: int | None = None, search_moves: str = "same") -> dict:
+            seed: int = 0, samples: int | None = None, search_moves: str = "same",
+            calibration_format: str = "prompt") -> dict:
         import torch
 
         from gqaprune.evaluate.perplexity import perplexity_of_ids
@@ -210,24 +215,27 @@ class Ablation:
             cfg |= {"search_evaluations": self.args.search_evaluations, "search_samples": self.args.search_samples}
             if search_moves != "same":   # rows searched with same-kind moves keep their old keys
                 cfg["search_moves"] = search_moves
+        if calibration_format != "prompt":   # rows calibrated on the Alpaca template keep their old keys
+            cfg["calibration_format"] = calibration_format
         key = key_of(cfg)
         if key in self.done:
             return self.done[key]
         a = self.args
-        ids, calib_desc = self.calib(seed, samples)
-        scores = self.get_scores(criterion, seed, samples)
+        ids, calib_desc = self.calib(seed, samples, calibration_format)
+        scores = self.get_scores(criterion, seed, samples, calibration_format)
         opts = PruneOptions(pruning_ratio=ratio, criterion=criterion, layout=layout, allocation=allocation,
                             split=split, compensate=compensate, compensate_target=target, steps=steps, seed=seed,
                             calib_batch_size=a.batch_size, num_samples=samples, seq_len=a.seq_len,
                             sensitivity_samples=a.sensitivity_samples, search_evaluations=a.search_evaluations,
-                            search_samples=a.search_samples, search_moves=search_moves)
+                            search_samples=a.search_samples, search_moves=search_moves,
+                            calibration_format=calibration_format)
         t = time.perf_counter()
-        sens = self.sens.get((criterion, ratio, seed, samples))
+        sens = self.sens.get((criterion, ratio, seed, samples, calibration_format))
         pruned, plan = prune_model(copy.deepcopy(self.model), opts, ids, scores=scores, sensitivity=sens,
                                    progress=False)
         prune_s = time.perf_counter() - t
         if allocation in ("sensitivity", "search"):
-            self.sens[(criterion, ratio, seed, samples)] = plan.provenance["sensitivity"]
+            self.sens[(criterion, ratio, seed, samples, calibration_format)] = plan.provenance["sensitivity"]
         t = time.perf_counter()
         nll, n = perplexity_of_ids(pruned, self.eval_ids, seq_len=a.window, batch_size=a.batch_size, progress=False)
         ppl = float(torch.tensor(nll).exp())
@@ -319,7 +327,8 @@ class Ablation:
 def config_of(r: dict) -> dict:
     return {k: r[k] for k in ("criterion", "layout", "allocation", "split", "compensate", "steps")} | \
         {"target": r["target"] or "layer"} | \
-        ({"search_moves": r.get("search_moves", "same")} if r["allocation"] == "search" else {})
+        ({"search_moves": r.get("search_moves", "same")} if r["allocation"] == "search" else {}) | \
+        {"calibration_format": r.get("calibration_format", "prompt")}
 
 
 def layout_label(r: dict) -> str:
@@ -413,6 +422,12 @@ def main(argv=None) -> int:
                 if b := ab.best(ratio, samples=big, allocation="sensitivity"):
                     ab.run(st, ratio, **(config_of(b) | {"allocation": "search", "search_moves": "mixed"}), seed=seed,
                            samples=big)
+    for st, seed in ((16, 0), (17, 1)):
+        if st in stages:
+            for ratio in ratios:
+                if b := ab.best(ratio, samples=big, allocation="sensitivity", calibration_format=None):
+                    ab.run(st, ratio, **(config_of(b) | {"allocation": "search", "search_moves": "same",
+                                                        "calibration_format": "text"}), seed=seed, samples=big)
     ab.data["meta"]["wall_s_this_invocation"] = round(time.perf_counter() - t0, 1)
     ab.data["meta"]["loadavg_end"] = [round(x, 2) for x in os.getloadavg()]
     ab.save()
@@ -475,7 +490,7 @@ def render(data: dict, path: Path) -> None:
         comp = ("yes" + (f" ({r['target']})" if r.get("target") not in (None, "layer") else "")) if r["compensate"] \
             else "no"
         L.append(f"| {r['stage']} | {r['ratio']:.0%} | {r['criterion']} | {lay} | {comp} | {r['steps']} | {r['seed']} "
-                 f"| {r.get('samples', cal.get('samples'))} | {r['reduction']:.2%} | {r['ppl']:.2f} | {r['x_dense']:.2f} | {_comp_cell(r)} | {r['prune_s']:.0f} |")
+                 f"| {r.get('samples', cal.get('samples'))}{' (plain text)' if r.get('calibration_format') == 'text' else ''} | {r['reduction']:.2%} | {r['ppl']:.2f} | {r['x_dense']:.2f} | {_comp_cell(r)} | {r['prune_s']:.0f} |")
     L.append("")
     if rows and dense:
         L.append("## Goals (issue 4, section 1)\n")
@@ -493,7 +508,8 @@ def render(data: dict, path: Path) -> None:
                 verdict = "met" if b["x_dense"] <= goal else f"NOT met (missed by {b['x_dense'] / goal:.2f}x)"
                 L.append(f"- ~{ratio:.0%}, {label}: {b['criterion']} / {layout_label(b)} / "
                          f"{'compensated' if b['compensate'] else 'no compensation'} / {b['steps']} step(s) / "
-                         f"{b.get('samples', cal.get('samples'))} calibration samples: PPL {b['ppl']:.2f} = "
+                         f"{b.get('samples', cal.get('samples'))} calibration samples"
+                         f"{' (Alpaca as plain text)' if b.get('calibration_format') == 'text' else ''}: PPL {b['ppl']:.2f} = "
                          f"{b['x_dense']:.2f}x dense (goal <= {goal:g}x): **{verdict}**")
                 rob = [r for r in rows if r["ratio"] == ratio and r["seed"] == 1 and config_of(r) == config_of(b)
                        and all(r.get(k) == b.get(k) for k in ("samples", "search_evaluations", "search_samples",

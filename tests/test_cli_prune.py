@@ -196,3 +196,26 @@ def test_check_passes_good_and_fails_doctored(tiny_dir, tmp_path, calib_file, ca
     assert main(args) == 1
     text = capsys.readouterr().out
     assert "FAIL" in text and "BROKEN" in text
+
+
+def test_calibration_format_text_drops_the_template(tmp_path, tokenizer):
+    """Instruction records as calibration text: 'prompt' = Alpaca template + response; 'text' = the
+    fields as plain lines. Same records, same order, only the formatting differs."""
+    from gqaprune.data import calibration_texts, record_text
+    from gqaprune.errors import GQAPruneError
+    from gqaprune.prune.calibrate import calibration_batch
+
+    recs = tmp_path / "instr.jsonl"
+    recs.write_text("\n".join(json.dumps({"instruction": f"Name a colour number {i}.", "input": "" if i % 2 else
+                                          f"context {i}", "output": f"Blue is colour {i}."}) for i in range(300)))
+    prompt, d1 = calibration_texts(str(recs), 0, 10_000)
+    text, d2 = calibration_texts(str(recs), 0, 10_000, fmt="text")
+    assert "### Instruction:" in prompt[0] and "Below is an instruction" in prompt[0]
+    assert all("###" not in t and "Below is an instruction" not in t for t in text)
+    assert text[0].split("\n")[0] in prompt[0] and text[0].split("\n")[-1] in prompt[0]
+    assert "plain text" in d2 and "alpaca-format" in d1
+    assert record_text({"instruction": "a", "input": " ", "output": "b"}, "text") == "a\nb"
+    ids, desc = calibration_batch(tokenizer, str(recs), 4, 16, 0, fmt="text")
+    assert ids.shape == (4, 16) and "plain text" in desc
+    with pytest.raises(GQAPruneError, match="calibration-format"):
+        calibration_texts(str(recs), 0, 100, fmt="markdown")

@@ -213,13 +213,27 @@ def load_instruction_records(name_or_path: str) -> list[dict]:
     return records
 
 
-def calibration_texts(source: str, seed: int, max_chars: int) -> tuple[list[str], str]:
+CALIBRATION_FORMATS = ("prompt", "text")
+
+
+def record_text(r: dict, fmt: str = "prompt") -> str:
+    """One instruction record as calibration text: ``prompt`` = the Alpaca template + response (what
+    fine-tuning and the chat use); ``text`` = instruction, input and output as plain lines, no template."""
+    if fmt == "text":
+        return "\n".join(t for t in (str(r.get(k) or "").strip() for k in ("instruction", "input", "output")) if t)
+    return alpaca_prompt(r.get("instruction", ""), r.get("input", "")) + str(r.get("output", ""))
+
+
+def calibration_texts(source: str, seed: int, max_chars: int, fmt: str = "prompt") -> tuple[list[str], str]:
     """Texts to draw calibration tokens from, shuffled by ``seed``; returns (texts, description).
 
-    ``alpaca`` (default): Alpaca records formatted with the template (prompt + response).
+    ``alpaca`` (default): Alpaca records formatted with the template (prompt + response), or with
+    ``fmt="text"`` as plain text (instruction, input, output; no template).
     ``wikitext2`` / ``c4`` / ``ptb``: the corpus' train split (c4: validation shard), in paragraphs.
     Any local file: its records or paragraphs.
     """
+    if fmt not in CALIBRATION_FORMATS:
+        raise GQAPruneError(f"--calibration-format {fmt}: choose one of {', '.join(CALIBRATION_FORMATS)}")
     rng = random.Random(seed)
     p = Path(source).expanduser()
     if source.lower() in ALPACA_IDS or (p.is_file() and p.name.removesuffix(".gz").endswith((".json", ".jsonl"))
@@ -228,12 +242,13 @@ def calibration_texts(source: str, seed: int, max_chars: int) -> tuple[list[str]
         rng.shuffle(records)
         texts, n = [], 0
         for r in records:
-            t = alpaca_prompt(r.get("instruction", ""), r.get("input", "")) + str(r.get("output", ""))
+            t = record_text(r, fmt)
             texts.append(t)
             n += len(t)
             if n >= max_chars:
                 break
-        return texts, f"alpaca-format records from {resolve_instruction_source(source)} (seed {seed})"
+        what = "alpaca-format records" if fmt == "prompt" else "instruction records as plain text (no template)"
+        return texts, f"{what} from {resolve_instruction_source(source)} (seed {seed})"
     split = "validation" if source.lower() == "c4" else ("file" if p.is_file() else "train")
     corpus = load_text_corpus(source, split if split != "file" else "test")
     paras = [t for t in corpus.text.split("\n\n") if t.strip()]

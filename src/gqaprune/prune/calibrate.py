@@ -30,11 +30,13 @@ ATTN_PROJS = ("q_proj", "k_proj", "v_proj", "o_proj")
 MLP_PROJS = ("gate_proj", "up_proj", "down_proj")
 
 
-def calibration_batch(tokenizer, source: str, num_samples: int, seq_len: int, seed: int = 0) -> tuple[torch.Tensor, str]:
+def calibration_batch(tokenizer, source: str, num_samples: int, seq_len: int, seed: int = 0,
+                      fmt: str = "prompt") -> tuple[torch.Tensor, str]:
     """``num_samples`` windows of ``seq_len`` tokens from ``source`` -> LongTensor (N, L), description.
 
     Documents are shuffled by ``seed``, joined with EOS into one token stream and cut into
-    non-overlapping windows, so no window is padded.
+    non-overlapping windows, so no window is padded. ``fmt``: how instruction records become text
+    (``prompt``: Alpaca template + response; ``text``: plain, no template).
     """
     if seq_len < 2:
         raise GQAPruneError(f"--seq-len {seq_len}: must be at least 2 tokens")
@@ -42,7 +44,7 @@ def calibration_batch(tokenizer, source: str, num_samples: int, seq_len: int, se
         raise GQAPruneError(f"--num-samples {num_samples}: must be at least 1")
     need = num_samples * seq_len
     # ~4 characters per token for English BPE; ask for 2x that and top up if short.
-    texts, desc = calibration_texts(source, seed, max_chars=need * 8)
+    texts, desc = calibration_texts(source, seed, max_chars=need * 8, fmt=fmt)
     eos = tokenizer.eos_token_id
     stream: list[int] = []
     for t in texts:

@@ -10,6 +10,7 @@ from pathlib import Path
 import torch
 
 from gqaprune import __version__
+from gqaprune.data import CALIBRATION_FORMATS
 from gqaprune.errors import GQAPruneError
 from gqaprune.options import opt
 from gqaprune.prune.compensate import TARGETS as COMPENSATE_TARGETS
@@ -41,6 +42,9 @@ class PruneOptions:
                       "vary by layer from globally ranked, per-layer-normalised scores", choices=LAYOUTS)
     calibration: str = opt("alpaca", "calibration data: alpaca (yahma/alpaca-cleaned), wikitext2 (train), c4, or a "
                            "local .txt/.json/.jsonl(.gz) file")
+    calibration_format: str = opt("prompt", "instruction data (alpaca) as calibration text: prompt = the Alpaca "
+                                  "template + response, as fine-tuning sees it; text = instruction, input and "
+                                  "output as plain text", choices=CALIBRATION_FORMATS)
     num_samples: int = opt(64, "calibration samples")
     seq_len: int = opt(128, "tokens per calibration sample")
     calib_batch_size: int = opt(8, "samples per calibration forward/backward; gradient scores are summed per batch")
@@ -339,7 +343,8 @@ def prune(opts: PruneOptions) -> PruneResult:
     else:
         plan.check_matches(layout, f"--model {opts.model}")
     if needs_calibration(opts):
-        ids, calib_desc = calibration_batch(tok, opts.calibration, opts.num_samples, opts.seq_len, opts.seed)
+        ids, calib_desc = calibration_batch(tok, opts.calibration, opts.num_samples, opts.seq_len, opts.seed,
+                                            fmt=opts.calibration_format)
     params_before = count_params(model)
     if plan is None:
         prov = {"source_model": opts.model, "criterion": opts.criterion, "calibration": calib_desc,
