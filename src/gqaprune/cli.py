@@ -53,7 +53,7 @@ def cmd_prune(ns) -> int:
         con.print(f"[bold]note[/]       {note}")
     if opts.plan is None and not opts.compensate and opts.criterion == "taylor" and opts.layout == "uniform":
         con.print("[dim]tip: for one-shot quality see the README's 'Best one-shot quality' recipe (SmolLM2 at 20%: "
-                  "2.33x the dense PPL where taylor/uniform without --compensate, at 32 calibration samples, reached "
+                  "2.23x the dense PPL where taylor/uniform without --compensate, at 32 calibration samples, reached "
                   "5.27x; "
                   "benchmarks/results/ablation_smollm2.md)[/]")
     con.print(f"[bold]parameters[/] {res.params_before:,} -> {res.params_after:,}  "
