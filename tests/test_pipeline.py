@@ -26,12 +26,13 @@ def test_run_passes_prune_quality_options_and_refuses_a_mismatched_resume(tiny_d
     root = tmp_path / "run"
     base = ["run", "--model", str(tiny_dir), "--output-root", str(root), "--profile", "quick", "--tasks", "piqa",
             "--device", "cpu"]
-    args = base + ["--layout", "per-layer", "--allocation", "sensitivity", "--compensate", "--num-samples", "8"]
+    args = base + ["--layout", "per-layer", "--allocation", "sensitivity", "--compensate", "--num-samples", "8",
+                   "--calibration-format", "text"]
     assert main(args) == 0
     plan = json.loads((root / "pruned" / "prune_plan.json").read_text())
     prov = plan["provenance"]
     assert plan["layout"] == "per-layer" and prov.get("compensation") and prov.get("sensitivity")
-    assert "8 x 128 tokens" in prov["calibration"]
+    assert "8 x 128 tokens" in prov["calibration"] and "plain text" in prov["calibration"]
     report = (root / "REPORT.md").read_text()
     assert "compensation (layer" in report and "sensitivity allocation" in report
     # resuming with other pruning options would silently reuse the old pruned model: refused (exit 2)

@@ -54,6 +54,8 @@ class RunOptions:
     steps: int = opt(1, "prune: remove the budget in K steps, re-scoring between them")
     allocation: str = opt("scores", "prune, per-layer layout: scores, sensitivity or search (see gqaprune prune)")
     split: str = opt("balanced", "prune: attention vs MLP share, balanced or search (see gqaprune prune)")
+    calibration_format: str = opt("prompt", "prune: instruction data as calibration text, prompt (Alpaca template) "
+                                  "or text (plain)")
     num_epochs: float = opt(2.0, "fine-tuning epochs (guide: 2)")
     learning_rate: float = opt(5e-5, "learning rate (guide: 5e-5)")
     batch_size: int = opt(128, "global batch (guide: 128)")
@@ -152,6 +154,7 @@ def run_pipeline(opts: RunOptions, *, on_step=None) -> RunResult:
         model=opts.model, output=str(dirs["pruned"]), pruning_ratio=opts.pruning_ratio, criterion=opts.criterion,
         layout=opts.layout, calibration=calib, num_samples=s["num_samples"], round_mlp_to=opts.round_mlp_to,
         compensate=opts.compensate, steps=opts.steps, allocation=opts.allocation, split=opts.split,
+        calibration_format=opts.calibration_format,
         eval_ppl=["wikitext2"], ppl_max_tokens=s["ppl_max_tokens"], device=opts.device)))
 
     lora_done = (dirs["lora"] / "finetune_summary.json").is_file()
