@@ -51,11 +51,6 @@ def cmd_prune(ns) -> int:
               + (f"; calibration: {prov['calibration']}" if prov.get("calibration") else ""))
     for note in res.notes:   # compensation, sensitivity, split and allocation search, steps
         con.print(f"[bold]note[/]       {note}")
-    if opts.plan is None and not opts.compensate and opts.criterion == "taylor" and opts.layout == "uniform":
-        con.print("[dim]tip: for one-shot quality see the README's 'Best one-shot quality' recipe (SmolLM2 at 20%: "
-                  "2.23x the dense PPL where taylor/uniform without --compensate, at 32 calibration samples, reached "
-                  "5.27x; "
-                  "benchmarks/results/ablation_smollm2.md)[/]")
     con.print(f"[bold]parameters[/] {res.params_before:,} -> {res.params_after:,}  "
               f"([bold]-{res.reduction:.2%}[/]; target -{prov.get('params_removed_target', 0) / res.params_before:.2%})")
     mem = f"peak RSS {res.peak_rss_mb:,.0f} MiB" + (f", peak GPU {res.peak_gpu_mb:,.0f} MiB" if res.peak_gpu_mb else "")
@@ -65,6 +60,10 @@ def cmd_prune(ns) -> int:
         con.print(f"           after  {_fmt_ppl(after)}  ({after['ppl'] / before['ppl']:.2f}x)")
     if res.output:
         con.print(f"[bold]saved[/]      {res.output}/ (safetensors, config, tokenizer, prune_plan.json, kept_units.png)")
+    if opts.plan is None and not opts.compensate and opts.criterion == "taylor" and opts.layout == "uniform":
+        con.print("[dim]tip: for one-shot quality see the README's 'Best one-shot quality' recipe (SmolLM2 at 20%: "
+                  "2.23x the dense PPL where taylor/uniform without --compensate, at 32 calibration samples, reached "
+                  "5.27x; benchmarks/results/ablation_smollm2.md)[/]")
     return 0
 
 

@@ -80,12 +80,12 @@ class RunResult:
 def _profile_settings(opts: RunOptions) -> dict:
     """Per-step knobs of the profile. quick: budgets sized for smollm2-135m on a 2-core CPU."""
     if opts.profile == "quick":
-        return {"num_samples": opts.num_samples or 16, "ppl_max_tokens": 8192, "max_steps": 12, "batch_size": 8, "micro_batch_size": 4,
-                "val_set_size": 40, "max_train_samples": 400, "eval_steps": 6, "save_steps": 6,
+        return {"num_samples": opts.num_samples or 16, "ppl_max_tokens": 8192, "max_steps": 12, "batch_size": 8,
+                "micro_batch_size": 4, "val_set_size": 40, "max_train_samples": 400, "eval_steps": 6, "save_steps": 6,
                 "extra_val_max_tokens": 4096, "tasks": opts.tasks or QUICK_TASKS, "limit": 20, "cutoff_len": 128}
-    return {"num_samples": opts.num_samples or 64, "ppl_max_tokens": None, "max_steps": None, "batch_size": opts.batch_size,
-            "micro_batch_size": opts.micro_batch_size, "val_set_size": 2000, "max_train_samples": None,
-            "eval_steps": 100, "save_steps": 200, "extra_val_max_tokens": None, "tasks": opts.tasks or FULL_TASKS,
+    return {"num_samples": opts.num_samples or 64, "ppl_max_tokens": None, "max_steps": None,
+            "batch_size": opts.batch_size, "micro_batch_size": opts.micro_batch_size, "val_set_size": 2000,
+            "max_train_samples": None, "eval_steps": 100, "save_steps": 200, "extra_val_max_tokens": None, "tasks": opts.tasks or FULL_TASKS,
             "limit": None, "cutoff_len": opts.cutoff_len}
 
 
