@@ -98,7 +98,6 @@ def parse_args(argv=None):
 def machine_info() -> dict:
     import torch
     import transformers
-
     from _common import cpu_name
 
     cpu = cpu_name()
@@ -253,9 +252,7 @@ class Ablation:
             row["sensitivity"] = {x["layer"]: round(x["weight"], 3) for x in prov["sensitivity"]["layers"]}
             row["sensitivity_seconds"] = prov["sensitivity"]["seconds"]
         if prov.get("allocation_search"):
-            row["allocation_search"] = [{k: v for k, v in r.items() if k != "accepted"} | {"moves_kept": len(r["accepted"]),
-                                        "kv_traded": sum(m["kind"] == "kv>mlp" for m in r["accepted"])
-                                        - sum(m["kind"] == "mlp>kv" for m in r["accepted"])}
+            row["allocation_search"] = [{k: v for k, v in r.items() if k != "accepted"} | {"moves_kept": len(r["accepted"])}
                                         for r in prov["allocation_search"]]
         if prov.get("split_search"):
             row["split_search"] = [{"step": r["step"], "chosen_kv_fraction": r["chosen_kv_fraction"],
@@ -278,9 +275,9 @@ class Ablation:
         """Torch-Pruning (benchmarks/peers.py, its LLM example's recipe, eager attention) at the parameter
         count of gqaprune's uniform row at ``ratio``, scored on the same WikiText-2 tokens; Taylor reads
         gradients over the same calibration tokens (seed 0)."""
+        import peers
         import torch
 
-        import peers
         from gqaprune.evaluate.perplexity import perplexity_of_ids
 
         key = f"tp|{importance}|{ratio}"

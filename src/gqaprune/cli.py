@@ -219,12 +219,10 @@ def build_parser() -> argparse.ArgumentParser:
 # what is left after Ctrl-C, per command (outputs are written atomically at the end unless said here)
 _ON_INTERRUPT = {
     "finetune": "checkpoints saved so far are kept in --output_dir; continue with --resume_from_checkpoint last",
-    "run": "finished steps are kept (and LoRA checkpoints); run the same command again to continue",
+    "run": "finished steps and LoRA checkpoints are kept; run the same command again to continue",
     "prune": "nothing was written to the output folder",
     "merge": "nothing was written to the output folder",
 }
-_CONTINUE = {"finetune": "Continue with --resume_from_checkpoint last.",
-             "run": "Run the same command again to continue from there."}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -241,13 +239,11 @@ def main(argv: list[str] | None = None) -> int:
     except GQAPruneError as e:
         print(f"gqaprune {ns.command}: error: {e}", file=sys.stderr)
         return 2
-    except Interrupted as e:
-        print(f"gqaprune {ns.command}: interrupted: {e}. {_CONTINUE.get(ns.command, '')}".rstrip(), file=sys.stderr)
-        return e.exit_code
-    except KeyboardInterrupt:
-        print(f"gqaprune {ns.command}: interrupted; {_ON_INTERRUPT.get(ns.command, 'no result was written')}",
+    except (Interrupted, KeyboardInterrupt) as e:   # Interrupted: stopped cleanly, says where it saved
+        said = f": {e}" if isinstance(e, Interrupted) else ""
+        print(f"gqaprune {ns.command}: interrupted{said}; {_ON_INTERRUPT.get(ns.command, 'no result was written')}",
               file=sys.stderr)
-        return 130
+        return Interrupted.exit_code
 
 
 if __name__ == "__main__":

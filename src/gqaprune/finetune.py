@@ -31,6 +31,7 @@ import math
 import os
 import re
 import shutil
+import threading
 import time
 import uuid
 import warnings
@@ -1474,8 +1475,6 @@ def finetune(opts: FinetuneOptions, *, callbacks: list | None = None) -> Finetun
                    {"run/global_batch": opts.batch_size, "run/grad_accum": accum, "run/world_size": world_size,
                     "run/train_examples": len(train_ds), "run/precision": precision,
                     "run/resumed_from": resume})
-
-    import threading
 
     stopper = None
     if world_size == 1 and threading.current_thread() is threading.main_thread():

@@ -105,7 +105,8 @@ class _Evaluator:
 
     def _hooks(self, state: _State, start: int) -> list[_ZeroInputs]:
         r, d = self.layout.q_per_kv, self.layout.head_dim
-        return [hk for i in range(start, len(self.layers)) for hk in zero_units(self.layers[i], *state.removed(i), r, d)]
+        return [hk for i in range(start, len(self.layers))
+                for hk in zero_units(self.layers[i], *state.removed(i), r, d)]
 
     @torch.no_grad()
     def run(self, state: _State, start: int = 0, keep: bool = False) -> tuple[float, list | None]:
@@ -270,8 +271,9 @@ def search_allocation(model, layout: ModelLayout, scores: list[dict], plan: Prun
     finally:
         model.train(was)
     kept_result = check is None or check_end <= check_start
-    rep = {"moves": moves, "evaluations": tried, "accepted": accepted, "samples": int(search_ids.shape[0]), "tokens": ev.tokens,
-           "kl_start": start_kl, "kl_end": cur_kl, "check_samples": int(check_ids.shape[0]),
+    kv_traded = sum(m["kind"] == "kv>mlp" for m in accepted) - sum(m["kind"] == "mlp>kv" for m in accepted)
+    rep = {"moves": moves, "kv_traded": kv_traded, "evaluations": tried, "accepted": accepted,
+           "samples": int(search_ids.shape[0]), "tokens": ev.tokens, "kl_start": start_kl, "kl_end": cur_kl, "check_samples": int(check_ids.shape[0]),
            "check_kl_start": check_start, "check_kl_end": check_end, "used": kept_result,
            "seconds": round(time.perf_counter() - t0, 2)}
     if not kept_result:
@@ -293,10 +295,7 @@ def summary_line(rep: dict) -> str:
         chk = f"; on {rep['check_samples']} other calibration samples {rep['check_kl_start']:.4f} -> " \
               f"{rep['check_kl_end']:.4f}"
     used = "" if rep.get("used", True) else " (rejected: " + rep.get("why_not", "") + ")"
-    acc = rep["accepted"]
-    trade = ""
-    if rep.get("moves") == "mixed":
-        traded = sum(m["kind"] == "kv>mlp" for m in acc) - sum(m["kind"] == "mlp>kv" for m in acc)
-        trade = f" (mixed moves: {traded:+d} KV groups traded for MLP channels)"
+    trade = f" (mixed moves: {rep['kv_traded']:+d} KV groups traded for MLP channels)" \
+        if rep.get("moves") == "mixed" else ""
     return (f"allocation search: KL per token on {rep['tokens']:,} calibration tokens {rep['kl_start']:.4f} -> "
-            f"{rep['kl_end']:.4f}, {len(acc)} of {rep['evaluations']} moves kept{trade}{chk}{used}")
+            f"{rep['kl_end']:.4f}, {len(rep['accepted'])} of {rep['evaluations']} moves kept{trade}{chk}{used}")

@@ -74,7 +74,7 @@ class PrunePlan:
         Path(path).write_text(self.to_json())
 
     @classmethod
-    def from_dict(cls, d: dict) -> "PrunePlan":
+    def from_dict(cls, d: dict) -> PrunePlan:
         try:
             if "layers" in d:
                 kv = [list(x["kv_groups"]) for x in d["layers"]]
@@ -87,7 +87,7 @@ class PrunePlan:
             raise GQAPruneError(f"plan: not a gqaprune plan ({type(e).__name__}: {e})") from e
 
     @classmethod
-    def load(cls, path) -> "PrunePlan":
+    def load(cls, path) -> PrunePlan:
         p = Path(path)
         if not p.is_file():
             raise GQAPruneError(f"--plan {path}: no such file")
@@ -201,7 +201,7 @@ def solve_counts(layout: ModelLayout, removed: int, pruned: list[int], min_mlp: 
     A, M = layout.group_params, layout.channel_params
     step = M * L * (round_mlp_to or 1)
     cands = []
-    ks = range(0, s0.n_kv) if kv_fraction is None else [round(kv_fraction * s0.n_kv)]
+    ks = range(s0.n_kv) if kv_fraction is None else [round(kv_fraction * s0.n_kv)]
     for k in ks:                              # keep >= 1 group
         if not 0 <= k < s0.n_kv:
             continue
@@ -313,7 +313,7 @@ def _per_layer_counts(layout, scores, removed, pruned, min_mlp, round_mlp_to, we
     kv_cap = sum(layout.layers[i].n_kv - 1 for i in pruned)
     mlp_cap = sum(layout.layers[i].n_mlp - max(min_mlp, 1) for i in pruned)
     best = None
-    ks = range(0, kv_cap + 1) if kv_fraction is None else [round(kv_fraction * n_kv_all)]
+    ks = range(kv_cap + 1) if kv_fraction is None else [round(kv_fraction * n_kv_all)]
     for k in ks:
         if not 0 <= k <= kv_cap:
             continue

@@ -13,10 +13,17 @@ from gqaprune import __version__
 from gqaprune.data import CALIBRATION_FORMATS
 from gqaprune.errors import GQAPruneError
 from gqaprune.options import opt
+from gqaprune.prune.allocation_search import MOVES as SEARCH_MOVES
 from gqaprune.prune.compensate import TARGETS as COMPENSATE_TARGETS
 from gqaprune.prune.importance import CRITERIA
-from gqaprune.prune.plan import LAYOUTS, Budget, PrunePlan, check_budget, finish_plan, make_plan
-from gqaprune.prune.allocation_search import MOVES as SEARCH_MOVES
+from gqaprune.prune.plan import (
+    LAYOUTS,
+    Budget,
+    PrunePlan,
+    check_budget,
+    finish_plan,
+    make_plan,
+)
 from gqaprune.prune.sensitivity import ALLOCATIONS, SPLITS
 from gqaprune.prune.structure import count_params, model_layout
 
