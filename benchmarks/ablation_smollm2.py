@@ -135,9 +135,9 @@ class Ablation:
     def setup(self):
         import torch
 
-        from gqaprune.data import load_text_corpus
+        from gqaprune.data.corpora import load_text_corpus
         from gqaprune.evaluate.perplexity import perplexity_of_ids, tokenize_corpus
-        from gqaprune.model_io import load_model
+        from gqaprune.models.io import load_model
 
         a = self.args
         t = time.perf_counter()
@@ -170,7 +170,7 @@ class Ablation:
         log(f"dense PPL {self.data['dense']['ppl']:.2f} on {self.data['dense']['n_tokens']} tokens")
 
     def calib(self, seed: int, samples: int, fmt: str = "prompt"):
-        from gqaprune.prune.calibrate import calibration_batch
+        from gqaprune.data.calibration import calibration_batch
 
         if (seed, samples, fmt) not in self.ids:
             self.ids[(seed, samples, fmt)] = calibration_batch(self.tok, self.args.calibration, samples,
@@ -178,8 +178,9 @@ class Ablation:
         return self.ids[(seed, samples, fmt)]
 
     def get_scores(self, criterion: str, seed: int, samples: int, fmt: str = "prompt"):
-        from gqaprune.prune.run import PruneOptions, score_model
-        from gqaprune.prune.structure import model_layout
+        from gqaprune.prune.command import PruneOptions
+        from gqaprune.prune.steps import score_model
+        from gqaprune.models.layout import model_layout
 
         k = (criterion, seed, samples, fmt)
         if k not in self.scores:
@@ -203,7 +204,7 @@ class Ablation:
         import torch
 
         from gqaprune.evaluate.perplexity import perplexity_of_ids
-        from gqaprune.prune.run import PruneOptions, prune_model
+        from gqaprune.prune.command import PruneOptions, prune_model
 
         cfg = {"ratio": ratio, "criterion": criterion, "layout": layout, "allocation": allocation, "split": split,
                "compensate": compensate, "steps": steps, "target": target if compensate else None, "seed": seed}

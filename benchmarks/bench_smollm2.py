@@ -34,11 +34,12 @@ def main(argv=None) -> int:
     ap.add_argument("--out", default="benchmarks/results/bench_smollm2")
     args = ap.parse_args(argv)
 
-    from gqaprune.bench import BenchOptions, bench_models
-    from gqaprune.model_io import load_model
-    from gqaprune.prune.calibrate import score_units
-    from gqaprune.prune.plan import Budget, make_plan
-    from gqaprune.prune.structure import model_layout
+    from gqaprune.bench.command import BenchOptions, bench_models
+    from gqaprune.models.io import load_model
+    from gqaprune.prune.score import score_units
+    from gqaprune.prune.budget import Budget
+    from gqaprune.prune.plan import make_plan
+    from gqaprune.models.layout import model_layout
     from gqaprune.prune.surgery import apply_plan
 
     dense, _ = load_model(args.model, dtype="fp32", device="cpu", with_tokenizer=False)
@@ -48,7 +49,7 @@ def main(argv=None) -> int:
     named = [("dense", dense)]
     for name, kind, ratio, round_to in CONFIGS:
         if name in wanted:
-            plan = make_plan(layout, scores, Budget(ratio=ratio), layout_kind=kind, round_mlp_to=round_to)
+            plan = make_plan(layout, scores, Budget(ratio=ratio).resolve(layout), layout_kind=kind, round_mlp_to=round_to)
             named.append((name, apply_plan(copy.deepcopy(dense), plan)))
     opts = BenchOptions(models=[n for n, _ in named], prompt_len=args.prompt_len, new_tokens=args.new_tokens,
                         batch_sizes=[int(b) for b in args.batch_sizes.split(",")], repeats=args.repeats,

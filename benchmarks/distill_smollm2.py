@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """Recovery of SmolLM2-135M pruned 50% (per-layer): plain LoRA vs LoRA + distillation from the dense model.
 
-Both recoveries run ``gqaprune.finetune.finetune`` with the same checkpoint, Alpaca
+Both recoveries run ``gqaprune.recover.finetune.finetune`` with the same checkpoint, Alpaca
 examples, steps, learning rate, seed and batching; the only difference is
 ``--distill_from smollm2-135m`` (loss = alpha * T^2 * KL(teacher || student) at
 temperature T + (1 - alpha) * LM loss). Each model is then scored on WikiText-2 test
@@ -92,7 +92,7 @@ def score(model, tok, a) -> dict:
 
 
 def train(a, workdir: Path, distill: bool) -> dict:
-    from gqaprune.finetune import FinetuneOptions, finetune
+    from gqaprune.recover.finetune import FinetuneOptions, finetune
 
     batch = a.micro_batch_size * a.grad_accum
     opts = FinetuneOptions(
@@ -114,7 +114,7 @@ def train(a, workdir: Path, distill: bool) -> dict:
 def eval_adapter(a, adapter: str) -> dict:
     from peft import PeftModel
 
-    from gqaprune.model_io import load_model
+    from gqaprune.models.io import load_model
 
     base, tok = load_model(a.student, device="cpu", dtype="float32")
     model = PeftModel.from_pretrained(base, adapter).merge_and_unload().eval()
@@ -225,7 +225,7 @@ def main(argv=None) -> int:
 
     torch.set_num_threads(a.threads)
 
-    from gqaprune.model_io import load_model
+    from gqaprune.models.io import load_model
 
     workdir = Path(a.workdir)
     workdir.mkdir(parents=True, exist_ok=True)

@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """LoRA fine-tuning throughput on SmolLM2 (CPU): the plain baseline vs --group_by_length vs --packing.
 
-Every variant runs ``gqaprune.finetune.finetune`` in this one process, on the same
+Every variant runs ``gqaprune.recover.finetune.finetune`` in this one process, on the same
 checkpoint, the same Alpaca examples (exactly one pass over ``steps x batch`` records,
 so every variant trains on the same set) and the same number of optimizer steps:
 
@@ -117,7 +117,7 @@ def make_clock():
 
 
 def run_variant(name: str, a, workdir: Path, steps: int | None = None, round_: int = 0) -> dict:
-    from gqaprune.finetune import FinetuneOptions, finetune
+    from gqaprune.recover.finetune import FinetuneOptions, finetune
 
     batch = a.micro_batch_size * a.grad_accum
     steps = steps or a.steps
@@ -157,9 +157,9 @@ def padding_simulation(a) -> dict:
     import torch
     from transformers.trainer_pt_utils import get_length_grouped_indices
 
-    from gqaprune.data import load_instruction_records
-    from gqaprune.finetune import split_indices, tokenize_records
-    from gqaprune.model_io import load_model
+    from gqaprune.data.instructions import load_instruction_records
+    from gqaprune.data.tokenized import split_indices, tokenize_records
+    from gqaprune.models.io import load_model
 
     _, tok = load_model(a.model, device="cpu", dtype="float32")
     recs = load_instruction_records(a.data)
@@ -305,7 +305,7 @@ def main(argv=None) -> int:
     bad = [v for v in names if v not in VARIANTS]
     if bad:
         raise SystemExit(f"--variants: unknown {bad}; choose from {list(VARIANTS)}")
-    from gqaprune.model_io import load_model
+    from gqaprune.models.io import load_model
 
     m, _ = load_model(a.model, device="cpu", dtype="float32")
     params = sum(p.numel() for p in m.parameters())

@@ -73,10 +73,12 @@ def main(argv=None) -> int:
     ap.add_argument("--prompt-len", type=int, default=512)
     args = ap.parse_args(argv)
 
-    from gqaprune.bench import BenchOptions, bench_models, to_markdown
-    from gqaprune.prune.calibrate import score_units
-    from gqaprune.prune.plan import Budget, make_plan
-    from gqaprune.prune.structure import count_params, model_layout
+    from gqaprune.bench.command import BenchOptions, bench_models
+    from gqaprune.bench.markdown import to_markdown
+    from gqaprune.prune.score import score_units
+    from gqaprune.prune.budget import Budget
+    from gqaprune.prune.plan import make_plan
+    from gqaprune.models.layout import count_params, model_layout
     from gqaprune.prune.surgery import apply_plan
 
     cuda = torch.cuda.is_available() and not args.tiny
@@ -116,7 +118,7 @@ def main(argv=None) -> int:
                ("per-layer", 0.2, None), ("per-layer", 0.5, None)]
     for layout_kind, ratio, round_to in configs:
         t = time.perf_counter()
-        plan = make_plan(layout, scores, Budget(ratio=ratio), layout_kind=layout_kind, round_mlp_to=round_to)
+        plan = make_plan(layout, scores, Budget(ratio=ratio).resolve(layout), layout_kind=layout_kind, round_mlp_to=round_to)
         t_plan = time.perf_counter() - t
         work = copy.deepcopy(dense)  # surgery slices in place; keep the dense model for the next config
         sync()

@@ -57,7 +57,7 @@ def main(argv=None) -> int:
            "args": vars(a), "runs": []}
 
     probe = [sys.executable, "-c",
-             "import json; from gqaprune.model_io import load_model; "
+             "import json; from gqaprune.models.io import load_model; "
              f"m, _ = load_model({a.model!r}, dtype='fp32', device='cpu'); "
              "n = sum(p.numel() for p in m.parameters()); "
              "b = sum(p.numel() * p.element_size() for p in m.parameters()); "

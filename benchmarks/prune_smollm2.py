@@ -139,7 +139,7 @@ def eval_ppl(model, tok, ids, windows, max_tokens, batch_tokens) -> dict:
 
 
 def layer_summary(model) -> dict:
-    from gqaprune.prune.structure import model_layout
+    from gqaprune.models.layout import model_layout
 
     lay = model_layout(model)  # raises if any layer breaks Q:KV = r with the config's head_dim
     kv = [s.n_kv for s in lay.layers]
@@ -160,13 +160,15 @@ def run(args) -> dict:
     if not os.environ.get("GQAPRUNE_DATA_DIR") and (REPO.parent / "shared" / "data").is_dir():
         os.environ["GQAPRUNE_DATA_DIR"] = str(REPO.parent / "shared" / "data")
 
-    from gqaprune.data import load_text_corpus
+    from gqaprune.data.corpora import load_text_corpus
     from gqaprune.errors import GQAPruneError
     from gqaprune.evaluate.perplexity import tokenize_corpus
-    from gqaprune.model_io import load_model
-    from gqaprune.prune.calibrate import calibration_batch, score_units
-    from gqaprune.prune.plan import Budget, make_plan
-    from gqaprune.prune.structure import count_params, model_layout
+    from gqaprune.models.io import load_model
+    from gqaprune.data.calibration import calibration_batch
+    from gqaprune.prune.score import score_units
+    from gqaprune.prune.budget import Budget
+    from gqaprune.prune.plan import make_plan
+    from gqaprune.models.layout import count_params, model_layout
     from gqaprune.prune.surgery import apply_plan
 
     criteria = [c for c in args.criteria.split(",") if c]
@@ -237,7 +239,7 @@ def run(args) -> dict:
                 row = {"criterion": crit, "layout": lay_kind, "ratio": ratio, "score_s": round(score_s, 2)}
                 try:
                     t = time.perf_counter()
-                    plan = make_plan(layout, scores, Budget(ratio, None), layout_kind=lay_kind,
+                    plan = make_plan(layout, scores, Budget(ratio, None).resolve(layout), layout_kind=lay_kind,
                                      provenance={"criterion": crit, "calibration": calib_desc if needs_data else None,
                                                  "seed": args.seed})
                     plan_s = time.perf_counter() - t
@@ -361,7 +363,7 @@ def run_memory(args, res):
     exe = shutil.which("gqaprune")
     cli = [exe] if exe else [sys.executable, "-m", "gqaprune.cli"]
     load_only = [sys.executable, "-c",
-                 "from gqaprune.model_io import load_model; "
+                 "from gqaprune.models.io import load_model; "
                  f"load_model({args.model!r}, dtype='fp32', device='cpu')"]
     log("memory: subprocess that only loads the model ...")
     r = run_measured(load_only, env)

@@ -237,13 +237,13 @@ def main(argv=None) -> int:
         torch.set_num_threads(args.threads)
 
     from gqaprune.evaluate.perplexity import perplexity, tokenize_corpus
-    from gqaprune.data import load_text_corpus
-    from gqaprune.evaluate.suite import load_with_adapter
+    from gqaprune.data.corpora import load_text_corpus
+    from gqaprune.models.adapters import load_with_adapter
     from gqaprune.evaluate.zeroshot import zeroshot
-    from gqaprune.finetune import FinetuneOptions, finetune
-    from gqaprune.merge import merge_and_save_lora
-    from gqaprune.model_io import load_model
-    from gqaprune.prune.run import PruneOptions, prune
+    from gqaprune.recover.finetune import FinetuneOptions, finetune
+    from gqaprune.recover.merge import merge_and_save_lora
+    from gqaprune.models.io import load_model
+    from gqaprune.prune.command import PruneOptions, prune
 
     root = Path(args.root)
     root.mkdir(parents=True, exist_ok=True)

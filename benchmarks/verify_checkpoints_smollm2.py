@@ -52,10 +52,12 @@ def main(argv=None) -> int:
     ap.add_argument("--out", default="benchmarks/results/checkpoints_smollm2.md")
     args = ap.parse_args(argv)
 
-    from gqaprune.model_io import load_model, save_checkpoint
-    from gqaprune.prune.calibrate import calibration_batch, score_units
-    from gqaprune.prune.plan import Budget, make_plan
-    from gqaprune.prune.structure import count_params, model_layout
+    from gqaprune.models.io import load_model, save_checkpoint
+    from gqaprune.data.calibration import calibration_batch
+    from gqaprune.prune.score import score_units
+    from gqaprune.prune.budget import Budget
+    from gqaprune.prune.plan import make_plan
+    from gqaprune.models.layout import count_params, model_layout
     from gqaprune.prune.surgery import apply_plan
 
     dense, tok = load_model(args.model, dtype="fp32", device="cpu")
@@ -70,7 +72,7 @@ def main(argv=None) -> int:
     with tempfile.TemporaryDirectory() as tmp:
         for kind in ("uniform", "per-layer"):
             for ratio in (0.2, 0.5):
-                plan = make_plan(layout, scores, Budget(ratio=ratio), layout_kind=kind)
+                plan = make_plan(layout, scores, Budget(ratio=ratio).resolve(layout), layout_kind=kind)
                 pruned = apply_plan(copy.deepcopy(dense), plan)
                 with torch.no_grad():
                     ref = pruned(input_ids=x).logits

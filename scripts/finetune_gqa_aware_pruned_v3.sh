@@ -7,7 +7,9 @@
 #
 # Environment overrides: MODEL (or GQAPRUNE_MODEL), DATA_PATH (GQAPRUNE_DATA_PATH),
 # OUTPUT_ROOT (GQAPRUNE_OUTPUT_ROOT), PROFILE (full|quick), PRUNING_RATIO, LAYOUT, WANDB_PROJECT.
-# Extra arguments are passed to `gqaprune run`.
+# Extra arguments are passed to `gqaprune run`. The guide's v3 hyperparameters (2 epochs, lr 5e-5,
+# batch 128, micro batch 4, cutoff 256, LoRA r 8 / alpha 16) are the full profile's defaults; they are
+# not passed here, so PROFILE=quick keeps its small ones (explicit flags win over a profile).
 set -euo pipefail
 export GQAPRUNE_MODEL="${MODEL:-${GQAPRUNE_MODEL:-smollm2-135m}}"
 export GQAPRUNE_DATA_PATH="${DATA_PATH:-${GQAPRUNE_DATA_PATH:-yahma/alpaca-cleaned}}"
@@ -15,5 +17,4 @@ export GQAPRUNE_OUTPUT_ROOT="${OUTPUT_ROOT:-${GQAPRUNE_OUTPUT_ROOT:-./runs/gqa_a
 exec gqaprune run \
     --model "$GQAPRUNE_MODEL" --data-path "$GQAPRUNE_DATA_PATH" --output-root "$GQAPRUNE_OUTPUT_ROOT" \
     --profile "${PROFILE:-full}" --pruning-ratio "${PRUNING_RATIO:-0.2}" --layout "${LAYOUT:-uniform}" \
-    --num-epochs 2 --learning-rate 5e-5 --batch-size 128 --micro-batch-size 4 --cutoff-len 256 \
-    --lora-r 8 --lora-alpha 16 --wandb-project "${WANDB_PROJECT:-}" "$@"
+    --wandb-project "${WANDB_PROJECT:-}" "$@"

@@ -3,7 +3,7 @@
 
     python scripts/merge_and_save_lora.py --pruned_model PRUNED --lora_dir LORA --output_dir MERGED
 
-A thin wrapper over ``gqaprune.merge.merge_and_save_lora``; ``gqaprune merge`` takes the same options.
+A thin wrapper over ``gqaprune.recover.merge.merge_and_save_lora``; ``gqaprune merge`` takes the same options.
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ import sys
 
 def main(argv: list[str] | None = None) -> int:
     from gqaprune.errors import GQAPruneError
-    from gqaprune.merge import MergeOptions, merge_and_save_lora
+    from gqaprune.recover.merge import MergeOptions, merge_and_save_lora
     from gqaprune.options import add_options, options_from_args
 
     parser = argparse.ArgumentParser(prog="merge_and_save_lora.py", description=__doc__.split("\n\n")[0])

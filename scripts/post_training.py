@@ -7,7 +7,7 @@
         --extra_val_dataset wikitext2 --cache_dataset
     torchrun --nproc_per_node=4 scripts/post_training.py ...     # data-parallel
 
-A thin wrapper over ``gqaprune.finetune.finetune``; ``gqaprune finetune`` takes the same options.
+A thin wrapper over ``gqaprune.recover.finetune.finetune``; ``gqaprune finetune`` takes the same options.
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ import sys
 
 def main(argv: list[str] | None = None) -> int:
     from gqaprune.errors import GQAPruneError, Interrupted
-    from gqaprune.finetune import FinetuneOptions, finetune
+    from gqaprune.recover.finetune import FinetuneOptions, finetune
     from gqaprune.options import add_options, options_from_args
 
     parser = argparse.ArgumentParser(prog="post_training.py", description=__doc__.split("\n\n")[0],

@@ -1,6 +1,6 @@
 """Shared fixtures: tiny random Llama models and a tiny tokenizer, all offline.
 
-Tiny model (DESIGN.md): 2 layers, hidden 64, 8 query heads, 2 KV heads (Q:KV 4),
+Tiny model (docs/architecture.md): 2 layers, hidden 64, 8 query heads, 2 KV heads (Q:KV 4),
 head_dim 8, MLP 128. Seconds per test, no network.
 """
 

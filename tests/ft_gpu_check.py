@@ -23,10 +23,10 @@ from ft_helpers import write_records, write_text
 
 
 def main(out: Path) -> dict:
-    from gqaprune.finetune import FinetuneOptions, finetune
-    from gqaprune.merge import merge_and_save_lora
-    from gqaprune.model_io import save_checkpoint
-    from gqaprune.pruned_llama import GQAPrunedLlamaConfig, GQAPrunedLlamaForCausalLM
+    from gqaprune.recover.finetune import FinetuneOptions, finetune
+    from gqaprune.recover.merge import merge_and_save_lora
+    from gqaprune.models.io import save_checkpoint
+    from gqaprune.models.pruned_llama import GQAPrunedLlamaConfig, GQAPrunedLlamaForCausalLM
 
     import peft
     import transformers
@@ -71,6 +71,6 @@ if __name__ == "__main__":
     rep = main(out)
     (out / "gpu_check.json").write_text(json.dumps(rep, indent=2, default=str))
     print(json.dumps({k: v for k, v in rep.items() if k not in ("finetune", "merge")}, indent=2))
-    print("\n".join(__import__("gqaprune.finetune", fromlist=["FinetuneResult"]).FinetuneResult(
+    print("\n".join(__import__("gqaprune.recover.finetune", fromlist=["FinetuneResult"]).FinetuneResult(
         **rep["finetune"]).lines()))
-    print("\n".join(__import__("gqaprune.merge", fromlist=["MergeResult"]).MergeResult(**rep["merge"]).lines()))
+    print("\n".join(__import__("gqaprune.recover.merge", fromlist=["MergeResult"]).MergeResult(**rep["merge"]).lines()))

@@ -16,7 +16,7 @@ WORDS = ("the quick brown fox jumps over the lazy dog grouped query attention sh
 
 def make_per_layer_model(seed: int = 0, kv=(1, 2), inter=(48, 128)):
     """GQAPrunedLlamaForCausalLM from tiny_config: layer 0 keeps 1 KV group and 48 MLP channels."""
-    from gqaprune.pruned_llama import GQAPrunedLlamaConfig, GQAPrunedLlamaForCausalLM
+    from gqaprune.models.pruned_llama import GQAPrunedLlamaConfig, GQAPrunedLlamaForCausalLM
 
     cfg = GQAPrunedLlamaConfig(**tiny_config().to_dict())
     cfg.kv_heads_per_layer = list(kv)
@@ -31,7 +31,7 @@ def make_per_layer_model(seed: int = 0, kv=(1, 2), inter=(48, 128)):
 
 
 def save_per_layer(path: Path, seed: int = 0, **kw) -> Path:
-    from gqaprune.model_io import save_checkpoint
+    from gqaprune.models.io import save_checkpoint
 
     return save_checkpoint(make_per_layer_model(seed, **kw), make_tokenizer(), path)
 

@@ -10,11 +10,12 @@ import torch
 
 from conftest import make_tiny_model
 from gqaprune.errors import GQAPruneError
-from gqaprune.prune.allocation_search import _Evaluator, _State, search_allocation
-from gqaprune.prune.calibrate import score_units
-from gqaprune.prune.plan import Budget, PrunePlan, make_plan
-from gqaprune.prune.run import PruneOptions, notes_for, prune_model
-from gqaprune.prune.structure import count_params, model_layout
+from gqaprune.prune.allocate.search import _Evaluator, _State, search_allocation
+from gqaprune.prune.score import score_units
+from gqaprune.prune.budget import Budget
+from gqaprune.prune.plan import PrunePlan, make_plan
+from gqaprune.prune.command import PruneOptions, notes_for, prune_model
+from gqaprune.models.layout import count_params, model_layout
 from gqaprune.prune.surgery import apply_plan
 
 CALIB = torch.randint(3, 320, (8, 32), generator=torch.Generator().manual_seed(5))
@@ -27,12 +28,17 @@ def _kl_of(dense, pruned, ids) -> float:
     return float((p.exp() * (p - q)).sum(-1).mean())
 
 
+def TARGET(lay):
+    """The budget of _setup's plans, resolved for ``lay``."""
+    return Budget(ratio=0.3).resolve(lay)
+
+
 def _setup(**cfg):
     """A tiny model (eval mode), its layout, magnitude scores and a 30% per-layer plan."""
     m = make_tiny_model(**cfg).eval()
     lay = model_layout(m)
     scores = score_units(m, lay, "magnitude", None)
-    return m, lay, scores, make_plan(lay, scores, Budget(ratio=0.3), layout_kind="per-layer")
+    return m, lay, scores, make_plan(lay, scores, Budget(ratio=0.3).resolve(lay), layout_kind="per-layer")
 
 
 def test_cached_partial_reruns_give_the_full_forward_kl():
@@ -53,7 +59,7 @@ def test_cached_partial_reruns_give_the_full_forward_kl():
 
 def test_search_lowers_calibration_kl_and_keeps_the_parameter_count():
     m, lay, scores, plan = _setup(num_hidden_layers=4)
-    new, rep = search_allocation(m, lay, scores, plan, CALIB[:4], evaluations=40, samples=4,
+    new, rep = search_allocation(m, lay, scores, plan, CALIB[:4], TARGET(lay), evaluations=40, samples=4,
                                  batch_size=4, moves="same", progress=False)
     assert rep["evaluations"] == 40 and rep["check_samples"] == 0
     assert rep["kl_end"] < rep["kl_start"] and rep["accepted"]
@@ -69,7 +75,7 @@ def test_search_lowers_calibration_kl_and_keeps_the_parameter_count():
 
 
 def test_search_result_is_rejected_when_the_check_samples_disagree(monkeypatch):
-    import gqaprune.prune.allocation_search as A
+    import gqaprune.prune.allocate.search as A
 
     m, lay, scores, plan = _setup(num_hidden_layers=3)
     real = A._Evaluator.run
@@ -83,7 +89,7 @@ def test_search_result_is_rejected_when_the_check_samples_disagree(monkeypatch):
         return kl, kept
 
     monkeypatch.setattr(A._Evaluator, "run", run)
-    new, rep = search_allocation(m, lay, scores, plan, CALIB, evaluations=20, samples=4, batch_size=4,
+    new, rep = search_allocation(m, lay, scores, plan, CALIB, TARGET(lay), evaluations=20, samples=4, batch_size=4,
                                  progress=False)
     assert rep["check_samples"] == 4 and rep["check_kl_end"] > rep["check_kl_start"]
     assert rep["used"] is False and new is plan
@@ -115,7 +121,7 @@ def test_mixed_moves_trade_kv_groups_for_channels_and_stay_within_half_a_channel
     MLP channel from where it started, both trade directions occur, and they are what they say."""
     import random
 
-    from gqaprune.prune.allocation_search import _apply, _moves, _removed_params
+    from gqaprune.prune.allocate.search import _apply, _moves, _removed_params
 
     m, lay, scores, plan = _setup(num_hidden_layers=4)  # 2 KV groups of 4 query heads: 5120 / 192 parameters
     A, M = lay.group_params, lay.channel_params
@@ -145,13 +151,13 @@ def test_mixed_moves_trade_kv_groups_for_channels_and_stay_within_half_a_channel
 
 def test_mixed_search_lowers_kl_and_reports_trades():
     m, lay, scores, plan = _setup(num_hidden_layers=4, num_key_value_heads=4, num_attention_heads=8)
-    new, rep = search_allocation(m, lay, scores, plan, CALIB[:4], evaluations=60, samples=4, batch_size=4,
+    new, rep = search_allocation(m, lay, scores, plan, CALIB[:4], TARGET(lay), evaluations=60, samples=4, batch_size=4,
                                  moves="mixed", progress=False)
     assert rep["moves"] == "mixed" and rep["kl_end"] < rep["kl_start"]
     assert abs(new.provenance["params_after"] - plan.provenance["params_after"]) <= lay.channel_params / 2
     assert abs(_kl_of(m, apply_plan(copy.deepcopy(m), new), CALIB[:4]) - rep["kl_end"]) < 1e-5
-    from gqaprune.prune.allocation_search import summary_line
+    from gqaprune.prune.allocate.search import summary_line
 
     assert "mixed moves" in summary_line(rep) and "KV groups traded" in summary_line(rep)
     with pytest.raises(GQAPruneError, match="search-moves"):
-        search_allocation(m, lay, scores, plan, CALIB[:4], evaluations=1, samples=4, moves="any", progress=False)
+        search_allocation(m, lay, scores, plan, CALIB[:4], TARGET(lay), evaluations=1, samples=4, moves="any", progress=False)

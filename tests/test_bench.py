@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from conftest import make_tiny_model, tiny_config
-from gqaprune.bench import BenchOptions, bench, bench_models, model_shape, run_once, to_markdown
+from gqaprune.bench.command import BenchOptions, bench, bench_models, model_shape, run_once, to_markdown
 from gqaprune.errors import GQAPruneError
 
 P, N = 32, 8
@@ -16,7 +16,7 @@ P, N = 32, 8
 
 def _per_layer_model(seed: int = 1):
     """A per-layer pruned tiny model: layer 0 keeps 1 of 2 KV groups and 64 of 128 MLP channels."""
-    from gqaprune.pruned_llama import GQAPrunedLlamaConfig, GQAPrunedLlamaForCausalLM
+    from gqaprune.models.pruned_llama import GQAPrunedLlamaConfig, GQAPrunedLlamaForCausalLM
 
     cfg = GQAPrunedLlamaConfig(**tiny_config().to_dict())
     cfg.kv_heads_per_layer = [1, 2]
@@ -139,7 +139,7 @@ def test_bad_options_raise():
 
 def test_bench_loads_refs(tiny_dir, tmp_path, monkeypatch):
     """bench() loads references through model_io and writes OUT.json + OUT.md."""
-    pytest.importorskip("gqaprune.model_io")
+    pytest.importorskip("gqaprune.models.io")
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     out = tmp_path / "res.json"
     opts = BenchOptions(models=[str(tiny_dir), str(tiny_dir)], prompt_len=8, new_tokens=2, batch_sizes=[1],

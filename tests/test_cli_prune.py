@@ -94,8 +94,9 @@ def test_bad_inputs_exit_2_and_leave_nothing(tiny_dir, tmp_path, calib_file, cap
     _bad(base("--pruning-ratio", "0.2", "--seq-len", "1"), capsys, "seq-len")
     assert not out.exists()
     out.mkdir()
+    (out / "notes.txt").write_text("mine")
     _bad(base("--pruning-ratio", "0.2"), capsys, "exists")
-    assert not list(out.iterdir())
+    assert [p.name for p in out.iterdir()] == ["notes.txt"] and (out / "notes.txt").read_text() == "mine"
     # a plan made for another model
     bad_plan = tmp_path / "plan.json"
     other = tmp_path / "other"
@@ -156,7 +157,7 @@ def test_eval_ppl_protocol_on_known_model(tmp_path, tokenizer, capsys):
     assert "window 16" in line and "stride 16" in line and "tokens" in line
     # sliding windows score every token after the first
     assert main(["eval", "--model", str(d), "--ppl", str(text), "--seq-len", "16", "--stride", "4",
-                 "--output", str(out)]) == 0
+                 "--output", str(out), "--overwrite"]) == 0
     res = json.loads((out / "eval.json").read_text())["results"][0]["ppl"][0]
     assert res["n_tokens"] == n_ids - 1 and res["stride"] == 4
 
@@ -201,9 +202,10 @@ def test_check_passes_good_and_fails_doctored(tiny_dir, tmp_path, calib_file, ca
 def test_calibration_format_text_drops_the_template(tmp_path, tokenizer):
     """Instruction records as calibration text: 'prompt' = Alpaca template + response; 'text' = the
     fields as plain lines. Same records, same order, only the formatting differs."""
-    from gqaprune.data import calibration_texts, record_text
+    from gqaprune.data.calibration import calibration_texts
+    from gqaprune.data.instructions import record_text
     from gqaprune.errors import GQAPruneError
-    from gqaprune.prune.calibrate import calibration_batch
+    from gqaprune.data.calibration import calibration_batch
 
     recs = tmp_path / "instr.jsonl"
     recs.write_text("\n".join(json.dumps({"instruction": f"Name a colour number {i}.", "input": "" if i % 2 else
@@ -219,3 +221,32 @@ def test_calibration_format_text_drops_the_template(tmp_path, tokenizer):
     assert ids.shape == (4, 16) and "plain text" in desc
     with pytest.raises(GQAPruneError, match="calibration-format"):
         calibration_texts(str(recs), 0, 100, fmt="markdown")
+
+
+def _snapshot(folder):
+    return {p.relative_to(folder): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def test_prune_overwrite_never_replaces_its_own_input(tiny_dir, tmp_path, calib_file, capsys):
+    """--output equal to, inside or around --model is refused even with --overwrite; the model is untouched."""
+    before = _snapshot(tiny_dir)
+    for out in (tiny_dir, tiny_dir / "pruned", tiny_dir.parent):
+        _bad(prune_args(tiny_dir, out, calib_file, "--pruning-ratio", "0.2", "--overwrite"), capsys, "input --model")
+    assert _snapshot(tiny_dir) == before
+
+
+def test_prune_overwrite_replaces_only_what_gqaprune_wrote(tiny_dir, tmp_path, calib_file, capsys):
+    out = tmp_path / "user_folder"
+    out.mkdir()
+    (out / "README.md").write_text("my notes")
+    (out / "tokenizer.json").write_text("{}")
+    err = _bad(prune_args(tiny_dir, out, calib_file, "--pruning-ratio", "0.2", "--overwrite"), capsys, "README.md")
+    assert "tokenizer.json" in err
+    assert (out / "README.md").read_text() == "my notes" and (out / "tokenizer.json").read_text() == "{}"
+    # a folder gqaprune wrote is replaced; once the user adds a file to it, it is not
+    mine = tmp_path / "pruned"
+    assert main(prune_args(tiny_dir, mine, calib_file, "--pruning-ratio", "0.2")) == 0
+    assert main(prune_args(tiny_dir, mine, calib_file, "--pruning-ratio", "0.3", "--overwrite")) == 0
+    (mine / "extra.txt").write_text("mine")
+    _bad(prune_args(tiny_dir, mine, calib_file, "--pruning-ratio", "0.2", "--overwrite"), capsys, "extra.txt")
+    assert (mine / "extra.txt").read_text() == "mine"

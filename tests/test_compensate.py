@@ -9,11 +9,13 @@ import pytest
 import torch
 
 from conftest import make_tiny_model
-from gqaprune.prune.calibrate import score_units
-from gqaprune.prune.compensate import LstsqStats, capture_layer_inputs, compensate
-from gqaprune.prune.plan import Budget, PrunePlan, make_plan
-from gqaprune.prune.run import PruneOptions, prune_model
-from gqaprune.prune.structure import model_layout
+from gqaprune.prune.score import score_units
+from gqaprune.prune.compensate import LstsqStats, compensate
+from gqaprune.prune.layerwise import capture_layer_inputs
+from gqaprune.prune.budget import Budget
+from gqaprune.prune.plan import PrunePlan, make_plan
+from gqaprune.prune.command import PruneOptions, prune_model
+from gqaprune.models.layout import model_layout
 from gqaprune.prune.surgery import apply_plan
 
 CALIB = torch.randint(3, 320, (24, 32), generator=torch.Generator().manual_seed(2))
@@ -31,7 +33,7 @@ def rel(a, b):
 
 def plan_for(model, ratio=0.3, layout_kind="uniform"):
     lay = model_layout(model)
-    return make_plan(lay, score_units(model, lay, "magnitude", None), Budget(ratio=ratio), layout_kind=layout_kind)
+    return make_plan(lay, score_units(model, lay, "magnitude", None), Budget(ratio=ratio).resolve(lay), layout_kind=layout_kind)
 
 
 def layer_outputs(model, ids=TEST):
@@ -171,7 +173,8 @@ def test_iterative_plan_replays_on_original(tiny_model, layout_kind):
     assert model_layout(replay).total_params == plan.provenance["params_after"]
     # the budget is met as closely as the one-shot plan meets it
     one = make_plan(model_layout(tiny_model), score_units(tiny_model, model_layout(tiny_model), "taylor", CALIB,
-                    progress=False), Budget(ratio=0.4), layout_kind=layout_kind)
+                    progress=False), Budget(ratio=0.4).resolve(model_layout(tiny_model)),
+                    layout_kind=layout_kind)
     lay = model_layout(tiny_model)
     assert abs(plan.provenance["params_after"] - one.provenance["params_after"]) <= \
         lay.num_layers * (lay.group_params + lay.channel_params)
@@ -223,7 +226,7 @@ def test_cli_prune_compensate_and_replay(tiny_dir, tmp_path, capsys):
 
 def test_greedy_obs_first_cost_is_the_best_single_removal():
     """Step 1 of greedy OBS removes the unit whose removal + optimal refit costs least, and its cost is that error."""
-    from gqaprune.prune.compensate import OBS_DAMP, greedy_obs_order
+    from gqaprune.prune.score.obs import OBS_DAMP, greedy_obs_order
 
     g = torch.Generator().manual_seed(3)
     x = torch.randn(400, 12, generator=g, dtype=torch.float64) @ torch.randn(12, 12, generator=g, dtype=torch.float64)

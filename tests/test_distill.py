@@ -9,7 +9,9 @@ import torch
 from conftest import make_tiny_model, make_tokenizer
 from ft_helpers import read_metrics, save_dense, write_records
 from gqaprune.errors import GQAPruneError
-from gqaprune.finetune import FinetuneOptions, PadCollator, distillation_kl, finetune, pack_examples
+from gqaprune.data.collate import PadCollator, pack_examples
+from gqaprune.recover.distill import distillation_kl
+from gqaprune.recover.finetune import FinetuneOptions, finetune
 
 
 pytestmark = pytest.mark.usefixtures("offline_single_process")
@@ -28,9 +30,8 @@ def _trainer(tmp_path, student, teacher=None, alpha=0.5, temperature=2.0):
     from peft import LoraConfig, get_peft_model
     from transformers import TrainingArguments
 
-    from gqaprune.finetune import _make_trainer_classes
+    from gqaprune.recover.trainer import LoRATrainer
 
-    LoRATrainer = _make_trainer_classes()[0]
     torch.manual_seed(0)
     model = get_peft_model(student, LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, target_modules=["q_proj", "v_proj"],
                                                task_type="CAUSAL_LM"))
@@ -40,9 +41,8 @@ def _trainer(tmp_path, student, teacher=None, alpha=0.5, temperature=2.0):
                 p.normal_(0, 0.05)
     args = TrainingArguments(output_dir=str(tmp_path / "t"), use_cpu=True, report_to="none",
                              per_device_train_batch_size=3, remove_unused_columns=False)
-    tr = LoRATrainer(model=model, args=args, data_collator=PadCollator(0))
-    tr.teacher = teacher
-    tr.distill_alpha, tr.distill_temperature = alpha, temperature
+    tr = LoRATrainer(model=model, args=args, data_collator=PadCollator(0), teacher=teacher, distill_alpha=alpha,
+                     distill_temperature=temperature)
     return tr, model.train()
 
 
@@ -132,7 +132,7 @@ def test_teacher_runs_per_micro_batch_without_grad(tmp_path):
     data = write_records(tmp_path / "data.jsonl")
     calls = []
 
-    import gqaprune.finetune as ft
+    import gqaprune.recover.finetune as ft
 
     real_load = ft.load_teacher
 

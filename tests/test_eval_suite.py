@@ -23,7 +23,7 @@ def _script(name):
 def _adapter(pruned_dir, out):
     from peft import LoraConfig, get_peft_model
 
-    from gqaprune.model_io import load_model
+    from gqaprune.models.io import load_model
 
     model, _ = load_model(str(pruned_dir))
     pm = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "down_proj"]))

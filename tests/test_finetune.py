@@ -1,4 +1,4 @@
-"""gqaprune.finetune: tokenisation, LoRA on per-layer shapes, logging sinks, cache reuse, resume, NaN stop,
+"""gqaprune.recover.finetune: tokenisation, LoRA on per-layer shapes, logging sinks, cache reuse, resume, NaN stop,
 the seed guide's command line, and every bad input the issue lists."""
 
 from __future__ import annotations
@@ -15,8 +15,10 @@ from safetensors.torch import load_file
 from conftest import make_tokenizer
 from ft_helpers import read_metrics, save_dense, save_per_layer, train_losses, write_records, write_text
 from gqaprune.errors import GQAPruneError
-from gqaprune.finetune import (FinetuneOptions, TrainingDivergedError, finetune, grad_accumulation,
-                               prepare_data, prompt_template_tokens, tokenize_records)
+from gqaprune.data.tokenized import prepare_data, prompt_template_tokens, tokenize_records
+from gqaprune.outputs import MANIFEST
+from gqaprune.recover.finetune import FinetuneOptions, TrainingDivergedError, finetune
+from gqaprune.recover.options import grad_accumulation
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -53,7 +55,7 @@ def _opts(tmp_path, base, data, **kw):
 
 
 def test_tokenize_masks_prompt_and_respects_cutoff_and_eos():
-    from gqaprune.data import alpaca_prompt
+    from gqaprune.data.instructions import alpaca_prompt
 
     tok = make_tokenizer()
     recs = [{"instruction": "the quick fox", "input": "", "output": "lazy dog"},
@@ -83,7 +85,7 @@ def test_tokenize_masks_prompt_and_respects_cutoff_and_eos():
 
 
 def test_val_split_is_fixed_by_seed(records_path, tmp_path):
-    from gqaprune.data import load_instruction_records
+    from gqaprune.data.instructions import load_instruction_records
 
     tok = make_tokenizer()
     recs = load_instruction_records(str(records_path))
@@ -141,16 +143,20 @@ def test_lora_on_per_layer_model_logs_everywhere(tmp_path, per_layer_dir, record
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 5000
     assert list((out / "wandb").glob("offline-run-*/run-*.wandb")), "W&B offline run not written"
     assert list((out / "tensorboard").glob("events.out.tfevents.*"))
-    assert (out / "run_manifest.json").is_file() and (out / "checkpoint-2").is_dir()
+    manifest = json.loads((out / MANIFEST).read_text())
+    assert manifest["kind"] == "finetune" and manifest["options"]["lora_r"] == 8 and (out / "checkpoint-2").is_dir()
+    from gqaprune.outputs import foreign_entries
+
+    assert foreign_entries(out) == []     # the manifest claims everything the run wrote
     assert any("per-layer" in s or "LoRA" in s for s in res.lines())
 
     # Second run on the same data and settings: the tokenised cache is reused, nothing re-tokenised.
-    import gqaprune.finetune as ft
+    import gqaprune.data.tokenized as tokenized
 
     def boom(*a, **k):
         raise AssertionError("re-tokenised despite --cache_dataset")
 
-    monkeypatch.setattr(ft, "tokenize_records", boom)
+    monkeypatch.setattr(tokenized, "tokenize_records", boom)
     res2 = finetune(_opts(tmp_path, per_layer_dir, records_path, cache_dataset=True, max_steps=1,
                           output_dir=str(tmp_path / "out2")))
     assert res2.dataset_cache == "hit" and res2.train_examples == res.train_examples
@@ -239,7 +245,7 @@ def test_ctrl_c_saves_a_checkpoint_then_resume_finishes_the_same_run(tmp_path, r
 
     # through the CLI: the message names the checkpoint and how to continue; exit code 130
     out2 = tmp_path / "cli"
-    import gqaprune.finetune as ft
+    import gqaprune.recover.finetune as ft
 
     real = ft.finetune
     ft_calls = []
@@ -346,10 +352,10 @@ def test_gradient_checkpointing_gives_the_same_losses(tmp_path, per_layer_dir, r
     (dict(fp16=True, device="cpu"), "needs a CUDA GPU"),
 ])
 def test_bad_input_is_a_clear_error(tmp_path, per_layer_dir, records_path, change, match):
-    o = _opts(tmp_path, per_layer_dir, records_path, **change)
+    # options are checked when they are built (each group's __post_init__), the rest when finetune starts
     with pytest.raises(GQAPruneError, match=match):
-        finetune(o)
-    assert not (Path(o.output_dir) / "adapter_model.safetensors").exists()
+        finetune(_opts(tmp_path, per_layer_dir, records_path, **change))
+    assert not (tmp_path / "out" / "adapter_model.safetensors").exists()
 
 
 def test_empty_data_is_an_error(tmp_path, per_layer_dir):
@@ -360,7 +366,10 @@ def test_empty_data_is_an_error(tmp_path, per_layer_dir):
 
 
 def test_output_dir_with_other_run_is_refused(tmp_path, per_layer_dir, records_path):
-    from gqaprune.finetune import _check_output_dir
+    """A folder gqaprune did not write is refused; so is a run (here one an earlier version recorded in
+    run_manifest.json) with other options; --overwrite replaces that run only once every file in the folder
+    is the run's own."""
+    from gqaprune.recover.run_dir import plan_run_dir
 
     out = tmp_path / "out"
     out.mkdir()
@@ -373,9 +382,14 @@ def test_output_dir_with_other_run_is_refused(tmp_path, per_layer_dir, records_p
     with pytest.raises(GQAPruneError, match=r"different run \(lora_r: 4 then, 8 now\)"):
         finetune(o)
     o.overwrite = True
-    assert _check_output_dir(o, None) == "overwrite"
+    with pytest.raises(GQAPruneError, match="gqaprune did not write these: notes.txt"):
+        finetune(o)
+    assert (out / "notes.txt").read_text() == "mine" and (out / "run_manifest.json").is_file()
+    (out / "notes.txt").unlink()
+    assert plan_run_dir(o, None).decision == "overwrite"
     res = finetune(o)
-    assert res.status == "completed" and (out / "notes.txt").read_text() == "mine"   # only our files replaced
+    assert res.status == "completed" and not (out / "run_manifest.json").exists()
+    assert json.loads((out / MANIFEST).read_text())["options"]["lora_r"] == 8
 
 
 def test_legacy_pickle_needs_allow_pickle(tmp_path, records_path):

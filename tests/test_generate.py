@@ -143,7 +143,7 @@ def test_generate_options_flags():
 
 
 def test_run_generate_folder_and_adapter(tiny_dir, tiny_model, tokenizer, tmp_path, monkeypatch):
-    pytest.importorskip("gqaprune.model_io")
+    pytest.importorskip("gqaprune.models.io")
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     from peft import LoraConfig, get_peft_model
 
@@ -167,13 +167,13 @@ def test_run_generate_folder_and_adapter(tiny_dir, tiny_model, tokenizer, tmp_pa
     assert with_adapter == [expected]
     assert with_adapter != base  # the adapter was applied, not ignored
 
-    with pytest.raises(GQAPruneError, match="adapter_config.json"):
+    with pytest.raises(GQAPruneError, match="--adapter .*missing: no such folder"):
         run_generate(GenerateOptions(model=str(tiny_dir), adapter=str(tmp_path / "missing"), prompt="x",
                                      device="cpu", dtype="float32"))
 
 
 def test_adapter_for_another_base_is_a_clear_error(tiny_dir, tmp_path, monkeypatch):
-    pytest.importorskip("gqaprune.model_io")
+    pytest.importorskip("gqaprune.models.io")
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     from peft import LoraConfig, get_peft_model
 

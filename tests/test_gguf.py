@@ -8,7 +8,7 @@ import numpy as np
 import torch
 
 from conftest import make_tiny_model, make_tokenizer
-from gqaprune.model_io import load_model, save_checkpoint
+from gqaprune.models.io import load_model, save_checkpoint
 
 
 def _permute(w: np.ndarray, n_head: int) -> np.ndarray:

@@ -1,4 +1,4 @@
-"""gqaprune.merge: merged logits == adapter logits (per-layer and uniform), format kept, bad adapters refused."""
+"""gqaprune.recover.merge: merged logits == adapter logits (per-layer and uniform), format kept, bad adapters refused."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ import torch
 
 from ft_helpers import save_dense, save_per_layer
 from gqaprune.errors import GQAPruneError
-from gqaprune.merge import merge_and_save_lora
+from gqaprune.recover.merge import merge_and_save_lora
 
 REPO = Path(__file__).resolve().parents[1]
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "down_proj", "up_proj"]
@@ -26,8 +26,8 @@ def make_adapter(base_dir: Path, lora_dir: Path, seed: int = 0, scale: float = 0
     """A LoRA adapter on ``base_dir`` with random non-zero B (as if trained), saved like finetune saves it."""
     from peft import LoraConfig, get_peft_model
 
-    from gqaprune.finetune import ADAPTER_INFO, base_fingerprint
-    from gqaprune.model_io import load_model
+    from gqaprune.models.adapters import ADAPTER_INFO, base_fingerprint
+    from gqaprune.models.io import load_model
 
     model, tok = load_model(str(base_dir), dtype=torch.float32, device="cpu")
     fp = base_fingerprint(model, TARGETS)
@@ -49,7 +49,7 @@ def _ids(n=2, L=16):
 
 @pytest.mark.parametrize("layout", ["per-layer", "uniform"])
 def test_merge_equals_adapter_and_keeps_format(tmp_path, layout):
-    from gqaprune.model_io import load_model
+    from gqaprune.models.io import load_model
 
     base = save_per_layer(tmp_path / "base") if layout == "per-layer" else save_dense(tmp_path / "base")
     pm = make_adapter(base, tmp_path / "lora")
@@ -102,8 +102,9 @@ def test_missing_and_bad_adapters(tmp_path):
         merge_and_save_lora(str(base), str(run), str(tmp_path / "m"))
     with pytest.raises(GQAPruneError, match="pruned_model"):
         merge_and_save_lora(str(tmp_path / "missing_model"), str(run / "checkpoint-4"), str(tmp_path / "m"))
-    # existing output needs --overwrite
+    # an existing output (not empty: outputs.check_output takes an empty folder as new) needs --overwrite
     (tmp_path / "exists").mkdir()
+    (tmp_path / "exists" / "notes.txt").write_text("a user's file")
     with pytest.raises(GQAPruneError, match="overwrite"):
         merge_and_save_lora(str(base), str(run / "checkpoint-4"), str(tmp_path / "exists"))
     # NaN in the adapter: refused before anything is written
@@ -146,7 +147,7 @@ def test_script_flags_and_exit_codes(tmp_path, capsys):
 def test_merge_a_finetune_output(tmp_path, monkeypatch):
     """finetune -> merge: the fingerprint finetune records accepts its own base, and the merge matches."""
     from ft_helpers import write_records
-    from gqaprune.finetune import FinetuneOptions, finetune
+    from gqaprune.recover.finetune import FinetuneOptions, finetune
 
     monkeypatch.setenv("GQAPRUNE_CACHE_DIR", str(tmp_path / "cache"))
     base = save_per_layer(tmp_path / "base")

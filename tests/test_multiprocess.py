@@ -77,3 +77,6 @@ def test_two_processes_shard_data_and_save_one_adapter(tmp_path, kind):
     steps = [json.loads(ln)["step"] for ln in (out / "metrics.jsonl").read_text().splitlines()
              if "train/loss" in ln]
     assert steps == [1, 2, 3]                        # metrics written once (rank 0), not per rank
+    from gqaprune.outputs import foreign_entries
+
+    assert foreign_entries(out) == []                # rank 0's manifest claims what every rank wrote

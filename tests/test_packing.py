@@ -10,7 +10,9 @@ import torch
 
 from conftest import make_tiny_model
 from ft_helpers import make_per_layer_model, read_metrics, save_per_layer, train_losses, write_records
-from gqaprune.finetune import FinetuneOptions, PadCollator, finetune, pack_examples
+from gqaprune.data.collate import PadCollator, pack_examples
+from gqaprune.outputs import MANIFEST
+from gqaprune.recover.finetune import FinetuneOptions, finetune
 
 
 pytestmark = pytest.mark.usefixtures("offline_single_process")
@@ -143,7 +145,7 @@ def test_group_by_length_batches_similar_lengths(tmp_path):
     assert seen("random") == seen("grouped") == seen("both")          # same data, another order
     assert g.padding_fraction < r.padding_fraction and both.padding_fraction == 0.0
     assert r.train_tokens == g.train_tokens == both.train_tokens
-    manifest = json.loads((tmp_path / "grouped" / "run_manifest.json").read_text())
+    manifest = json.loads((tmp_path / "grouped" / MANIFEST).read_text())
     assert manifest["options"]["group_by_length"] is True
     assert all("train/loss" in rec for rec in read_metrics(tmp_path / "grouped") if rec["step"] in (1, 10)
                and "learning_rate" in rec)
@@ -153,7 +155,7 @@ def test_fused_kernels_detection(monkeypatch):
     import importlib.util
 
     from gqaprune.errors import GQAPruneError
-    from gqaprune.finetune import fused_kernel_plan
+    from gqaprune.recover.trainer import fused_kernel_plan
 
     real = importlib.util.find_spec
     monkeypatch.setattr(importlib.util, "find_spec", lambda n, *a: None if n == "liger_kernel" else real(n, *a))
@@ -189,7 +191,7 @@ def test_packed_loss_uses_only_loss_positions_and_matches_padded(tmp_path, disti
     from peft import LoraConfig, get_peft_model
     from transformers import TrainingArguments
 
-    from gqaprune.finetune import _make_trainer_classes
+    from gqaprune.recover.trainer import LoRATrainer
 
     ids, labels = _examples()
     feats = [{"input_ids": x, "labels": lab, "idx": i, "train": True} for i, (x, lab) in enumerate(zip(ids, labels))]
@@ -198,14 +200,14 @@ def test_packed_loss_uses_only_loss_positions_and_matches_padded(tmp_path, disti
     torch.manual_seed(0)
     model = get_peft_model(make_tiny_model(0), LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0,
                                                           target_modules=["q_proj", "v_proj"], task_type="CAUSAL_LM"))
-    tr = _make_trainer_classes()[0](model=model, args=TrainingArguments(output_dir=str(tmp_path / "t"), use_cpu=True,
-                                                                        report_to="none"),
-                                    data_collator=PadCollator(0))
+    teacher = None
     if distil:
-        tr.teacher = make_tiny_model(1).eval()
+        teacher = make_tiny_model(1).eval()
         with torch.no_grad():
-            tr.teacher.lm_head.weight.mul_(20)
-        tr.distill_alpha, tr.distill_temperature = 0.5, 2.0
+            teacher.lm_head.weight.mul_(20)
+    args = TrainingArguments(output_dir=str(tmp_path / "t"), use_cpu=True, report_to="none")
+    tr = LoRATrainer(model=model, args=args, data_collator=PadCollator(0), teacher=teacher, distill_alpha=0.5,
+                     distill_temperature=2.0)
     model.train()
     lp, out = tr.compute_loss(model, dict(packed), return_outputs=True, num_items_in_batch=n_items)
     assert out.logits.shape[:2] == (1, int(n_items))        # only the loss positions were projected

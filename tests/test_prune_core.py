@@ -1,4 +1,4 @@
-"""Invariants of pruning (DESIGN.md "Tests"): structure, plan, surgery, checkpoints."""
+"""Invariants of pruning (docs/architecture.md, "Invariants the tests hold"): structure, plan, surgery, checkpoints."""
 
 from __future__ import annotations
 
@@ -12,10 +12,11 @@ import pytest
 import torch
 
 from conftest import make_tiny_model
-from gqaprune.model_io import load_model, save_checkpoint
-from gqaprune.prune.calibrate import score_units
-from gqaprune.prune.plan import Budget, PrunePlan, make_plan
-from gqaprune.prune.structure import count_params, model_layout
+from gqaprune.models.io import load_model, save_checkpoint
+from gqaprune.prune.score import score_units
+from gqaprune.prune.budget import Budget
+from gqaprune.prune.plan import PrunePlan, make_plan
+from gqaprune.models.layout import count_params, model_layout
 from gqaprune.prune.surgery import apply_plan
 
 X = torch.randint(3, 320, (2, 11), generator=torch.Generator().manual_seed(1))
@@ -34,7 +35,7 @@ def keep_all_plan(layout):
     return PrunePlan("uniform", [list(range(s.n_kv)) for s in layout.layers],
                      [list(range(s.n_mlp)) for s in layout.layers],
                      make_plan(layout, [{"kv": torch.ones(s.n_kv), "mlp": torch.ones(s.n_mlp)} for s in layout.layers],
-                               Budget(ratio=0.1)).source_shape)
+                               Budget(ratio=0.1).resolve(layout)).source_shape)
 
 
 def test_keep_all_plan_gives_identical_logits(tiny_model):
@@ -71,7 +72,7 @@ def test_removing_zeroed_units_gives_identical_logits(tiny_model):
 def test_ratio_budget_and_gqa_ratio(tiny_model, layout_kind, ratio):
     lay = model_layout(tiny_model)
     scores = score_units(tiny_model, lay, "taylor", calib_ids(), batch_size=4, progress=False)
-    plan = make_plan(lay, scores, Budget(ratio=ratio), layout_kind=layout_kind)
+    plan = make_plan(lay, scores, Budget(ratio=ratio).resolve(lay), layout_kind=layout_kind)
     pruned = apply_plan(copy.deepcopy(tiny_model), plan)
     n = count_params(pruned)
     assert n == plan.provenance["params_after"]
@@ -88,7 +89,7 @@ def test_target_params_accuracy(tiny_model):
     lay = model_layout(tiny_model)
     scores = score_units(tiny_model, lay, "magnitude", None)
     for target in (90_000, 70_000, 60_000):
-        plan = make_plan(lay, scores, Budget(target_params=target))
+        plan = make_plan(lay, scores, Budget(target_params=target).resolve(lay))
         got = count_params(apply_plan(copy.deepcopy(tiny_model), plan))
         # MLP channels absorb the remainder: within one channel per layer
         assert abs(got - target) <= lay.channel_params * lay.num_layers, (target, got)
@@ -97,8 +98,8 @@ def test_target_params_accuracy(tiny_model):
 def test_hook_path_equals_plain_path(tiny_model):
     lay = model_layout(tiny_model)
     for crit in ("taylor", "taylor-vector", "taylor-second"):
-        a = score_units(tiny_model, lay, crit, calib_ids(), batch_size=4, use_hooks=True, progress=False)
-        b = score_units(tiny_model, lay, crit, calib_ids(), batch_size=4, use_hooks=False, progress=False)
+        a = score_units(tiny_model, lay, crit, calib_ids(), batch_size=4, hooks=True, progress=False)
+        b = score_units(tiny_model, lay, crit, calib_ids(), batch_size=4, hooks=False, progress=False)
         for x, y in zip(a, b):
             assert torch.allclose(x["kv"], y["kv"], rtol=1e-6) and torch.allclose(x["mlp"], y["mlp"], rtol=1e-6)
     # no gradients left behind, requires_grad restored
@@ -120,7 +121,7 @@ def test_criteria_all_run_and_differ(tiny_model):
 def test_plan_json_round_trip_and_replay(tiny_model, tmp_path):
     lay = model_layout(tiny_model)
     scores = score_units(tiny_model, lay, "taylor", calib_ids(), batch_size=4, progress=False)
-    plan = make_plan(lay, scores, Budget(ratio=0.3), layout_kind="per-layer", provenance={"criterion": "taylor"})
+    plan = make_plan(lay, scores, Budget(ratio=0.3).resolve(lay), layout_kind="per-layer", provenance={"criterion": "taylor"})
     plan.save(tmp_path / "plan.json")
     again = PrunePlan.load(tmp_path / "plan.json")
     assert again == plan
@@ -157,7 +158,7 @@ def reload_in_fresh_process(path, remote: bool):
 def test_saved_checkpoint_reloads_in_fresh_process(tiny_model, tokenizer, tmp_path, layout_kind, kv, expect_cls):
     lay = model_layout(tiny_model)
     scores = score_units(tiny_model, lay, "magnitude", None)
-    plan = make_plan(lay, scores, Budget(ratio=0.3), layout_kind=layout_kind)
+    plan = make_plan(lay, scores, Budget(ratio=0.3).resolve(lay), layout_kind=layout_kind)
     if kv:  # force different head counts per layer
         plan.kv_groups = kv
         plan.mlp_channels = [list(range(100)), list(range(60))]
@@ -219,7 +220,7 @@ def test_mha_model_each_head_is_a_group(tokenizer):
     m = make_tiny_model(num_attention_heads=8, num_key_value_heads=8)
     lay = model_layout(m)
     assert lay.q_per_kv == 1 and lay.layers[0].n_kv == 8
-    plan = make_plan(lay, score_units(m, lay, "magnitude", None), Budget(ratio=0.3))
+    plan = make_plan(lay, score_units(m, lay, "magnitude", None), Budget(ratio=0.3).resolve(lay))
     pruned = apply_plan(m, plan)
     assert pruned.config.num_attention_heads == pruned.config.num_key_value_heads
 
@@ -227,7 +228,7 @@ def test_mha_model_each_head_is_a_group(tokenizer):
 def test_chunked_calibration_loss_matches_the_models_own_loss_and_gradients():
     """The calibration loss projects onto the vocabulary a few positions at a time (memory); the
     loss and every projection's gradient must equal ``model(labels=x).loss``'s."""
-    from gqaprune.prune.calibrate import _loss
+    from gqaprune.prune.score.taylor import causal_lm_loss as _loss
 
     model = make_tiny_model(seed=3)
     x = torch.randint(0, model.config.vocab_size, (3, 11))

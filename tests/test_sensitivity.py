@@ -10,11 +10,12 @@ import torch
 
 from conftest import make_tiny_model
 from gqaprune.errors import GQAPruneError
-from gqaprune.prune.calibrate import score_units
-from gqaprune.prune.plan import Budget, PrunePlan, check_budget, make_plan
-from gqaprune.prune.run import PruneOptions, prune_model
-from gqaprune.prune.sensitivity import layer_sensitivity, sensitivity_weights
-from gqaprune.prune.structure import count_params, model_layout
+from gqaprune.prune.score import score_units
+from gqaprune.prune.budget import Budget
+from gqaprune.prune.plan import PrunePlan, make_plan
+from gqaprune.prune.command import PruneOptions, prune_model
+from gqaprune.prune.allocate.sensitivity import layer_sensitivity, sensitivity_weights
+from gqaprune.models.layout import count_params, model_layout
 from gqaprune.prune.surgery import apply_plan
 
 CALIB = torch.randint(3, 320, (8, 32), generator=torch.Generator().manual_seed(3))
@@ -29,12 +30,13 @@ def test_sensitivity_is_the_measured_loss_rise():
     m = make_tiny_model(num_hidden_layers=3)
     lay = model_layout(m)
     scores = score_units(m, lay, "magnitude", None)
-    removed, pruned = check_budget(lay, Budget(ratio=0.3))
+    target = Budget(ratio=0.3).resolve(lay)
+    removed, pruned = target.removed, list(target.pruned)
     rep = layer_sensitivity(m, lay, scores, CALIB, removed, pruned, batch_size=4, progress=False)
     assert abs(rep["base_loss"] - _loss(m, CALIB)) < 1e-4
     # recompute layer 1's probe by slicing its lowest-scored units away for real
     x = rep["layers"][1]
-    plan = make_plan(lay, scores, Budget(ratio=0.01))  # any plan for the shape; replaced below
+    plan = make_plan(lay, scores, Budget(ratio=0.01).resolve(lay))  # any plan for the shape; replaced below
     plan.kv_groups = [list(range(s.n_kv)) for s in lay.layers]
     plan.mlp_channels = [list(range(s.n_mlp)) for s in lay.layers]
     kv_order = torch.argsort(scores[1]["kv"].double(), stable=True)
@@ -90,10 +92,10 @@ def test_weights_shift_the_allocation():
     m = make_tiny_model(num_hidden_layers=2)
     lay = model_layout(m)
     scores = score_units(m, lay, "magnitude", None)
-    base = make_plan(lay, scores, Budget(ratio=0.3), layout_kind="per-layer")
-    even = make_plan(lay, scores, Budget(ratio=0.3), layout_kind="per-layer", layer_weights={0: 1.0, 1: 1.0})
+    base = make_plan(lay, scores, Budget(ratio=0.3).resolve(lay), layout_kind="per-layer")
+    even = make_plan(lay, scores, Budget(ratio=0.3).resolve(lay), layout_kind="per-layer", layer_weights={0: 1.0, 1: 1.0})
     assert even.kept_mlp[0] == even.kept_mlp[1]          # equal weights, equal layers: equal shares
-    heavy0 = make_plan(lay, scores, Budget(ratio=0.3), layout_kind="per-layer", layer_weights={0: 2.0, 1: 0.5})
+    heavy0 = make_plan(lay, scores, Budget(ratio=0.3).resolve(lay), layout_kind="per-layer", layer_weights={0: 2.0, 1: 0.5})
     rm0, rm1 = 128 - heavy0.kept_mlp[0], 128 - heavy0.kept_mlp[1]
     assert abs(rm1 - 4 * rm0) <= 4                       # removal in proportion to size / weight
     assert heavy0.provenance["params_after"] == base.provenance["params_after"]
@@ -103,16 +105,15 @@ def test_weights_shift_the_allocation():
 
 
 def test_sensitivity_needs_per_layer_layout(tiny_model):
-    o = PruneOptions(pruning_ratio=0.3, allocation="sensitivity", layout="uniform")
-    with pytest.raises(GQAPruneError, match="per-layer"):
-        prune_model(tiny_model, o, CALIB, progress=False)
+    with pytest.raises(GQAPruneError, match="per-layer"):   # refused when the options are built
+        PruneOptions(pruning_ratio=0.3, allocation="sensitivity", layout="uniform")
     lay = model_layout(tiny_model)
     with pytest.raises(GQAPruneError, match="per-layer"):
-        make_plan(lay, score_units(tiny_model, lay, "magnitude", None), Budget(ratio=0.3), layer_weights={0: 1.0})
+        make_plan(lay, score_units(tiny_model, lay, "magnitude", None), Budget(ratio=0.3).resolve(lay), layer_weights={0: 1.0})
 
 
 def test_assign_by_weights_caps_and_redistributes():
-    from gqaprune.prune.plan import _assign_by_weights
+    from gqaprune.prune.budget import _assign_by_weights
 
     sizes, floors = {0: 100, 1: 100, 2: 100}, {0: 1, 1: 1, 2: 1}
     rm = _assign_by_weights(sizes, floors, 150, {0: 0.5, 1: 1.0, 2: 2.0})
@@ -130,11 +131,11 @@ def test_kv_fraction_sets_the_split(layout_kind):
     lay = model_layout(m)
     scores = score_units(m, lay, "magnitude", None)
     for f, kv_kept in ((0.0, 8), (0.25, 6), (0.5, 4)):
-        plan = make_plan(lay, scores, Budget(ratio=0.3), layout_kind=layout_kind, kv_fraction=f)
+        plan = make_plan(lay, scores, Budget(ratio=0.3).resolve(lay), layout_kind=layout_kind, kv_fraction=f)
         assert sum(plan.kept_kv) == kv_kept
         assert abs(plan.provenance["params_after"] - lay.total_params * 0.7) <= lay.channel_params * lay.num_layers
     with pytest.raises(GQAPruneError):   # removing 3 of 4 groups per layer overshoots a 5% budget
-        make_plan(lay, scores, Budget(ratio=0.05), layout_kind=layout_kind, kv_fraction=0.75)
+        make_plan(lay, scores, Budget(ratio=0.05).resolve(lay), layout_kind=layout_kind, kv_fraction=0.75)
 
 
 def test_split_search_keeps_the_least_disturbing_plan():

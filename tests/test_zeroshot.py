@@ -136,6 +136,8 @@ def test_no_lm_eval_noise_outside_a_git_repository(tiny_model, tokenizer, data_e
 
     import lm_eval.evaluator as ev
 
+    from gqaprune.compat.lm_eval import EXPECTED_WARNINGS
+
     monkeypatch.setenv("GQAPRUNE_DATA_DIR", str(data_env.resolve()))
     monkeypatch.chdir(tmp_path)
     orig = ev.get_git_commit_hash
@@ -144,6 +146,6 @@ def test_no_lm_eval_noise_outside_a_git_repository(tiny_model, tokenizer, data_e
     assert res["boolq"].n == 2
     err = capfd.readouterr().err
     assert "not a git repository" not in err
-    noise = [r.getMessage() for r in caplog.records if any(w in r.getMessage() for w in zs._EXPECTED_WARNINGS)]
+    noise = [r.getMessage() for r in caplog.records if any(w in r.getMessage() for w in EXPECTED_WARNINGS)]
     assert noise == []
     assert ev.get_git_commit_hash is orig  # restored afterwards

@@ -6,7 +6,7 @@ checkpoint without ``trust_remote_code``.
 """
 
 from gqaprune.errors import GQAPruneError
-from gqaprune import pruned_llama as _pruned_llama  # noqa: F401  (registers Auto classes)
+from gqaprune.models import pruned_llama as _pruned_llama  # noqa: F401  (registers Auto classes)
 
 __version__ = "0.1.0"
 __all__ = ["GQAPruneError", "__version__"]

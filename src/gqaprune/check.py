@@ -13,13 +13,16 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from gqaprune.errors import GQAPruneError
-from gqaprune.options import opt
+from gqaprune.memory import available_memory
+from gqaprune.models.layout import head_dim, q_per_kv
+from gqaprune.options import ModelArgs, opt
+from gqaprune.recover.options import LoraRankArgs
 
 log = logging.getLogger(__name__)
 
 
 @dataclass
-class CheckOptions:
+class CheckOptions(LoraRankArgs, ModelArgs):
     checkpoint: str = opt(None, "checkpoint folder to check")
     max_ppl: float = opt(50.0, "fail when wikitext2 PPL (window --seq-len) is above this")
     seq_len: int = opt(128, "perplexity window length")
@@ -27,10 +30,7 @@ class CheckOptions:
     expect_q_per_kv: int | None = opt(None, "the original model's Q:KV ratio (default: read from the plan/config)")
     micro_batch_size: int = opt(4, "LoRA memory estimate: micro batch (seed guide: 4)")
     cutoff_len: int = opt(256, "LoRA memory estimate: sequence length (seed guide: 256)")
-    lora_r: int = opt(8, "LoRA memory estimate: rank (seed guide: 8)")
     gradient_checkpointing: bool = opt(True, "LoRA memory estimate: with gradient checkpointing")
-    device: str | None = opt(None, "device for the PPL check")
-    dtype: str | None = opt(None, "dtype for the PPL check")
 
 
 @dataclass
@@ -76,9 +76,8 @@ def _tensor_shapes(folder: Path) -> dict[str, list[int]]:
 
 def layer_report(cfg: dict, shapes: dict[str, list[int]], expect_r: int | None) -> tuple[list[dict], list[str]]:
     """Per-layer heads / Q:KV / MLP from tensor shapes, and a list of problems found."""
-    d = cfg.get("head_dim") or cfg["hidden_size"] // cfg["num_attention_heads"]
-    r_cfg = cfg["num_attention_heads"] // (cfg.get("num_key_value_heads") or cfg["num_attention_heads"])
-    r = expect_r or r_cfg
+    d = head_dim(cfg)
+    r = expect_r or q_per_kv(cfg)
     rows, problems = [], []
     for i in range(cfg["num_hidden_layers"]):
         p = f"model.layers.{i}."
@@ -110,7 +109,7 @@ def lora_memory_estimate(n_params: int, cfg: dict, layers: list[dict], *, micro_
     checkpointing only each layer's input (2*h bytes) is kept, plus one layer's full set.
     """
     h = cfg["hidden_size"]
-    d = cfg.get("head_dim") or h // cfg["num_attention_heads"]
+    d = head_dim(cfg)
     lora = 0
     for row in layers:
         q, kv, m = row["q_heads"] * d, row["kv_heads"] * d, row["mlp"]
@@ -128,16 +127,6 @@ def lora_memory_estimate(n_params: int, cfg: dict, layers: list[dict], *, micro_
             "logits": logits, "total": int(total * 1.2), "overhead_factor": 1.2}
 
 
-def _available_memory(device: str | None) -> tuple[int, str]:
-    import psutil
-    import torch
-
-    if torch.cuda.is_available() and (device is None or str(device).startswith("cuda")):
-        free, total = torch.cuda.mem_get_info()
-        return total, f"GPU {torch.cuda.get_device_name()} ({total / 2**30:.1f} GiB)"
-    return psutil.virtual_memory().available, "CPU RAM available (no GPU)"
-
-
 def check(opts: CheckOptions) -> CheckResult:
     """Run the checklist; the result's ``ok`` is the pass/fail verdict."""
     folder = Path(opts.checkpoint)
@@ -152,7 +141,7 @@ def check(opts: CheckOptions) -> CheckResult:
         expect_r = json.loads(plan_file.read_text()).get("source_shape", {}).get("q_per_kv")
     layers, problems = layer_report(cfg, shapes, expect_r)
     res.layers = layers
-    r = expect_r or cfg["num_attention_heads"] // (cfg.get("num_key_value_heads") or cfg["num_attention_heads"])
+    r = expect_r or q_per_kv(cfg)
     res.rows.append(CheckRow("Q:KV ratio kept in every layer", not problems,
                              f"{r}:1 in all {len(layers)} layers" if not problems else "; ".join(problems[:3])))
     d = cfg.get("head_dim")
@@ -167,7 +156,7 @@ def check(opts: CheckOptions) -> CheckResult:
 
     model = tok = None
     try:
-        from gqaprune.model_io import load_model
+        from gqaprune.models.io import load_model
 
         model, tok = load_model(str(folder), dtype=opts.dtype, device=opts.device)
         res.rows.append(CheckRow("model loads", True, f"{type(model).__name__} via from_pretrained"))
@@ -183,7 +172,7 @@ def check(opts: CheckOptions) -> CheckResult:
     est = lora_memory_estimate(n_params, cfg, [x for x in layers if x["ok"]] or layers,
                                micro_batch=opts.micro_batch_size, seq_len=opts.cutoff_len, lora_r=opts.lora_r,
                                gradient_checkpointing=opts.gradient_checkpointing)
-    avail, where = _available_memory(opts.device)
+    avail, where = available_memory(opts.device)
     res.rows.append(CheckRow(
         "LoRA fine-tuning memory fits", est["total"] < avail,
         f"needs ~{est['total'] / 2**30:.2f} GiB (bf16 weights, micro batch {opts.micro_batch_size} x "

@@ -6,34 +6,21 @@ import argparse
 import logging
 import sys
 
-from gqaprune.data import data_dir
+from gqaprune.data.sources import data_dir
 from gqaprune.errors import GQAPruneError, Interrupted
+from gqaprune.console import console, ppl_line
 from gqaprune.options import add_options, options_from_args
-
-
-def _console():
-    from rich.console import Console
-
-    return Console()
-
-
-def _fmt_ppl(p: dict) -> str:
-    return (f"{p['dataset']} {p['split']}: PPL {p['ppl']:.2f} (window {p['seq_len']}, stride {p['stride']}, "
-            f"{p['n_tokens']:,} tokens)")
 
 
 # ---------------------------------------------------------------- prune
 def cmd_prune(ns) -> int:
     from rich.table import Table
 
-    from gqaprune.prune.run import PruneOptions, prune
+    from gqaprune.prune.command import PruneOptions, prune
 
     opts = options_from_args(PruneOptions, ns)
-    if opts.plan is None and opts.pruning_ratio is None and opts.target_params is None:
-        raise GQAPruneError("prune: give --pruning-ratio R (fraction of total parameters to remove), "
-                            "--target-params N, or --plan plan.json")
     res = prune(opts)
-    con = _console()
+    con = console()
     plan = res.plan
     t = Table(title="kept per layer", show_edge=False, pad_edge=False)
     for col in ("layer", "query heads", "KV heads", "Q:KV", "MLP channels"):
@@ -46,7 +33,7 @@ def cmd_prune(ns) -> int:
                   f"{row['mlp']}/{src['mlp_per_layer'][i]}")
     con.print(t)
     prov = plan.provenance
-    con.print(f"[bold]model[/]      {opts.model}  ->  {res.output or '(not saved: no --output)'}")
+    con.print(f"[bold]model[/]      {opts.model}  ->  {res.output or '(not saved: --dry-run)'}")
     con.print(f"[bold]criterion[/]  {prov.get('criterion', 'from plan ' + str(opts.plan))}; layout {plan.layout}"
               + (f"; calibration: {prov['calibration']}" if prov.get("calibration") else ""))
     for note in res.notes:   # compensation, sensitivity, split and allocation search, steps
@@ -56,14 +43,13 @@ def cmd_prune(ns) -> int:
     mem = f"peak RSS {res.peak_rss_mb:,.0f} MiB" + (f", peak GPU {res.peak_gpu_mb:,.0f} MiB" if res.peak_gpu_mb else "")
     con.print(f"[bold]time[/]       {res.wall_s:.1f} s wall; {mem}")
     for before, after in zip(res.ppl_before, res.ppl_after):
-        con.print(f"[bold]PPL[/]        before {_fmt_ppl(before)}")
-        con.print(f"           after  {_fmt_ppl(after)}  ({after['ppl'] / before['ppl']:.2f}x)")
+        con.print(f"[bold]PPL[/]        before {ppl_line(before)}")
+        con.print(f"           after  {ppl_line(after)}  ({after['ppl'] / before['ppl']:.2f}x)")
     if res.output:
         con.print(f"[bold]saved[/]      {res.output}/ (safetensors, config, tokenizer, prune_plan.json, kept_units.png)")
     if opts.plan is None and not opts.compensate and opts.criterion == "taylor" and opts.layout == "uniform":
-        con.print("[dim]tip: for one-shot quality see the README's 'Best one-shot quality' recipe (SmolLM2 at 20%: "
-                  "2.23x the dense PPL where taylor/uniform without --compensate, at 32 calibration samples, reached "
-                  "5.27x; benchmarks/results/ablation_smollm2.md)[/]")
+        con.print("[dim]tip: for better one-shot quality see the README's 'Best one-shot quality' recipe "
+                  "(measured in benchmarks/results/ablation_smollm2.md)[/]")
     return 0
 
 
@@ -77,7 +63,7 @@ def cmd_eval(ns) -> int:
         if len(suite.results) > 1:
             print(f"== {res.model}" + (f" + {res.adapter}" if res.adapter else ""))
         for p in res.ppl:
-            print(_fmt_ppl(p))
+            print(ppl_line(p))
         if res.zeroshot_md:
             print(res.zeroshot_md)
     if suite.comparison is not None:
@@ -103,7 +89,7 @@ def cmd_check(ns) -> int:
 
     opts = options_from_args(CheckOptions, ns)
     res = check(opts)
-    con = _console()
+    con = console()
     lt = Table(title=f"layers of {opts.checkpoint}", show_edge=False)
     for col in ("layer", "query heads", "KV heads", "Q:KV", "MLP", ""):
         lt.add_column(col, justify="right")
@@ -124,7 +110,7 @@ def cmd_check(ns) -> int:
 
 # ---------------------------------------------------------------- finetune / merge / bench / run / report
 def cmd_finetune(ns) -> int:
-    from gqaprune.finetune import FinetuneOptions, finetune
+    from gqaprune.recover.finetune import FinetuneOptions, finetune
 
     res = finetune(options_from_args(FinetuneOptions, ns))
     print("\n".join(res.lines()))
@@ -132,17 +118,15 @@ def cmd_finetune(ns) -> int:
 
 
 def cmd_merge(ns) -> int:
-    from gqaprune.merge import MergeOptions, merge_and_save_lora
+    from gqaprune.recover.merge import MergeOptions, merge
 
-    o = options_from_args(MergeOptions, ns)
-    res = merge_and_save_lora(o.pruned_model, o.lora_dir, o.output_dir, allow_pickle=o.allow_pickle,
-                              overwrite=o.overwrite, check_inputs=o.check_inputs, device=o.device, dtype=o.dtype)
+    res = merge(options_from_args(MergeOptions, ns))
     print("\n".join(res.lines()))
     return 0
 
 
 def cmd_bench(ns) -> int:
-    from gqaprune.bench import BenchOptions, bench
+    from gqaprune.bench.command import BenchOptions, bench
 
     res = bench(options_from_args(BenchOptions, ns))
     print(res.to_markdown())
@@ -152,7 +136,7 @@ def cmd_bench(ns) -> int:
 def cmd_run(ns) -> int:
     from gqaprune.pipeline import RunOptions, run_pipeline
 
-    con = _console()
+    con = console()
     res = run_pipeline(options_from_args(RunOptions, ns), on_step=lambda s: con.rule(f"step: {s}"))
     con.rule("done")
     for s in res.steps:
@@ -171,15 +155,16 @@ def cmd_report(ns) -> int:
 
 
 COMMANDS = {
-    "prune": ("prune a model into a smaller checkpoint", "gqaprune.prune.run:PruneOptions", cmd_prune),
+    "prune": ("prune a model into a smaller checkpoint", "gqaprune.prune.options:PruneOptions", cmd_prune),
     "eval": ("perplexity (and zero-shot tasks) of a model", "gqaprune.evaluate.suite:EvalOptions", cmd_eval),
     "generate": ("generate text (streamed) with a model, or base + LoRA adapter; interactive without --prompt",
                  "gqaprune.generate:GenerateOptions", cmd_generate),
     "finetune": ("LoRA recovery fine-tuning (the seed guide's post_training.py flags)",
-                 "gqaprune.finetune:FinetuneOptions", cmd_finetune),
-    "merge": ("merge a LoRA adapter into its base, check the logits, save", "gqaprune.merge:MergeOptions", cmd_merge),
+                 "gqaprune.recover.options:FinetuneOptions", cmd_finetune),
+    "merge": ("merge a LoRA adapter into its base, check the logits, save", "gqaprune.recover.merge:MergeOptions",
+              cmd_merge),
     "bench": ("prefill/decode speed and memory of models side by side, with FLOPs ratios",
-              "gqaprune.bench:BenchOptions", cmd_bench),
+              "gqaprune.bench.command:BenchOptions", cmd_bench),
     "run": ("one click: prune -> fine-tune -> merge -> evaluate -> report", "gqaprune.pipeline:RunOptions", cmd_run),
     "report": ("write REPORT.md for a `gqaprune run` folder", None, cmd_report),
     "check": ("pre-flight checklist for a pruned checkpoint (exit 1 on failure)", "gqaprune.check:CheckOptions",
@@ -202,8 +187,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-v", "--verbose", action="store_true", help="log at INFO level")
     sub = p.add_subparsers(dest="command", metavar="COMMAND")
     for name, (help_text, spec, _) in COMMANDS.items():
-        sp = sub.add_parser(name, help=help_text, description=help_text,
-                            formatter_class=argparse.ArgumentDefaultsHelpFormatter if False else argparse.HelpFormatter)
+        sp = sub.add_parser(name, help=help_text, description=help_text)
         if spec is None:  # report: one positional argument
             sp.add_argument("run_dir", help="the output_root of a `gqaprune run`")
             continue

@@ -13,10 +13,10 @@ import logging
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass
-from pathlib import Path
 
+from gqaprune.data.instructions import alpaca_prompt
 from gqaprune.errors import GQAPruneError
-from gqaprune.options import opt
+from gqaprune.options import ModelArgs, opt
 
 log = logging.getLogger(__name__)
 
@@ -24,7 +24,7 @@ EXIT_WORDS = ("exit", "quit")
 
 
 @dataclass
-class GenerateOptions:
+class GenerateOptions(ModelArgs):
     """Options of ``gqaprune generate``."""
 
     model: str = opt("smollm2-135m", "model reference: merged or pruned folder, .gguf, alias, hub id",
@@ -36,9 +36,17 @@ class GenerateOptions:
     temperature: float = opt(0.7, "sampling temperature (0 = greedy)")
     top_p: float = opt(0.9, "nucleus sampling: keep the smallest token set with this probability mass")
     greedy: bool = opt(False, "greedy decoding (deterministic); ignores --temperature and --top-p")
-    device: str | None = opt(None, "device, e.g. cuda:0 or cpu (default: the first GPU, else cpu)")
-    dtype: str | None = opt(None, "weights dtype: bfloat16, float16, float32 (default: bf16 where supported, else fp32)")
-    allow_pickle: bool = opt(False, "allow loading a legacy pickled model (unpickling runs code: trusted files only)")
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.max_new_tokens < 1:
+            raise GQAPruneError(f"--max-new-tokens {self.max_new_tokens}: must be at least 1.")
+        if self.temperature < 0:
+            raise GQAPruneError(f"--temperature {self.temperature}: must be >= 0 (0 = greedy, like --greedy)")
+        if not 0 < self.top_p <= 1:
+            raise GQAPruneError(f"--top-p {self.top_p}: must be in (0, 1].")
+        if self.prompt is not None and not self.prompt.strip():
+            raise GQAPruneError("--prompt: empty. Give some text, or omit --prompt for an interactive session.")
 
 
 def prompt_template(tokenizer) -> str:
@@ -52,8 +60,6 @@ def build_prompt(tokenizer, prompt: str) -> str:
         return tokenizer.apply_chat_template(
             [{"role": "user", "content": prompt}], tokenize=False, add_generation_prompt=True
         )
-    from gqaprune.data import alpaca_prompt
-
     return alpaca_prompt(prompt)
 
 
@@ -162,32 +168,10 @@ def interactive_loop(model, tokenizer, *, read: Callable[[str], str] = input,
 
 def load_for_generation(opts: GenerateOptions):
     """``(model, tokenizer)`` from ``opts.model``, with ``opts.adapter`` (PEFT LoRA) on top when given."""
-    from gqaprune.model_io import load_model
+    from gqaprune.models.adapters import load_with_adapter
 
-    model, tokenizer = load_model(opts.model, dtype=opts.dtype, device=opts.device, allow_pickle=opts.allow_pickle)
-    if opts.adapter:
-        model = load_adapter(model, opts.adapter, base_label=opts.model)
-    return model, tokenizer
-
-
-def load_adapter(model, adapter_dir: str | Path, *, base_label: str = "the base model"):
-    """Wrap ``model`` in a PeftModel with the adapter in ``adapter_dir``; clear errors for a wrong adapter."""
-    from peft import PeftModel
-
-    path = Path(adapter_dir).expanduser()
-    if not (path / "adapter_config.json").is_file():
-        raise GQAPruneError(
-            f"--adapter {adapter_dir}: no adapter_config.json there. Give the LoRA output folder "
-            "(the one post_training.py / gqaprune finetune wrote), or omit --adapter for a merged model."
-        )
-    try:
-        peft_model = PeftModel.from_pretrained(model, str(path))
-    except (RuntimeError, ValueError, KeyError) as err:  # size mismatch, missing target modules
-        raise GQAPruneError(
-            f"--adapter {adapter_dir}: does not fit --model {base_label} ({type(err).__name__}: "
-            f"{str(err).splitlines()[0][:300]}). Use the pruned model this adapter was trained on."
-        ) from err
-    return peft_model.eval()
+    return load_with_adapter(opts.model, opts.adapter, dtype=opts.dtype, device=opts.device,
+                             allow_pickle=opts.allow_pickle)
 
 
 def run_generate(opts: GenerateOptions, *, write: Callable[[str], object] = _write_stdout,

@@ -203,9 +203,8 @@ def _task_check(ratios: dict[str, float], threshold: float) -> tuple[bool, str]:
                   f"(lowest: {worst_task} {ratios[worst_task] * 100:.1f}%)")
 
 
-def compare(original: ModelScores, pruned: ModelScores, recovered: ModelScores, *,
-            ppl_dataset: str | None = None) -> Comparison:
-    """Compare the three models; the verdict uses ``ppl_dataset`` (default wikitext2, else the first)."""
+def _ppl_dataset(original: ModelScores, pruned: ModelScores, recovered: ModelScores, ppl_dataset: str | None) -> str:
+    """The dataset the verdict uses; refuses missing PPL and PPL measured under different protocols."""
     common_ppl = [d for d in original.ppl if d in recovered.ppl]
     if ppl_dataset is None:
         ppl_dataset = "wikitext2" if "wikitext2" in common_ppl else (common_ppl[0] if common_ppl else None)
@@ -215,7 +214,6 @@ def compare(original: ModelScores, pruned: ModelScores, recovered: ModelScores, 
             f"model (have: original {sorted(original.ppl)}, recovered {sorted(recovered.ppl)}). "
             "Evaluate all models with the same --ppl dataset."
         )
-    notes: list[str] = []
     for ds in common_ppl:
         keys = {m.label: m.protocol_key.get(ds) for m in (original, pruned, recovered) if m.protocol_key.get(ds)}
         if len(set(keys.values())) > 1:
@@ -223,9 +221,13 @@ def compare(original: ModelScores, pruned: ModelScores, recovered: ModelScores, 
                 f"compare: {ds} PPL was measured with different protocols (split, window, stride, max tokens): "
                 f"{keys}. Evaluate all three models with the same --seq-len, --stride and --max-tokens."
             )
+    return ppl_dataset
 
+
+def _rows(original: ModelScores, pruned: ModelScores, recovered: ModelScores, notes: list[str]):
+    """(table rows, per-task recovered/original accuracy ratios, the tasks scored for both)."""
     rows: list[Row] = []
-    for ds in common_ppl:
+    for ds in (d for d in original.ppl if d in recovered.ppl):
         o, r, p = original.ppl[ds], recovered.ppl[ds], pruned.ppl.get(ds)
         rows.append(Row(f"{ds} PPL", "ppl", o, p, r, recovery_pct(o, p, r, higher_is_better=False), r / o))
     tasks = [t for t in original.acc if t in recovered.acc]
@@ -245,52 +247,42 @@ def compare(original: ModelScores, pruned: ModelScores, recovered: ModelScores, 
         rows.append(Row("mean acc", "acc", o_mean, p_mean, r_mean,
                         recovery_pct(o_mean, p_mean, r_mean, higher_is_better=True),
                         r_mean / o_mean if o_mean > 0 else 1.0))
+    return rows, ratios, tasks
 
-    o_ppl, r_ppl, p_ppl = original.ppl[ppl_dataset], recovered.ppl[ppl_dataset], pruned.ppl.get(ppl_dataset)
-    lim = tier_limits(o_ppl)
-    f = lim["factor"]
-    scaled = abs(o_ppl - REFERENCE_PPL) >= 0.005  # 19.66 as the guide rounds it
-    at = (lambda v, ref: f"{v:.2f} (= {ref:g} x {f:.3f})") if scaled else (lambda v, ref: f"{ref:g}")
 
-    # minimum
-    reasons, ok = [], True
+def _mark(passed: bool) -> str:
+    return "pass" if passed else "FAIL"
+
+
+def _minimum(r_ppl, p_ppl, ratios, lim, at) -> TierCheck:
     passed = r_ppl < lim["minimum_ppl"]
-    ok &= passed
-    reasons.append(f"{'pass' if passed else 'FAIL'}: PPL {r_ppl:.2f} {'<' if passed else '>='} {at(lim['minimum_ppl'], MIN_PPL)}")
+    ok, reasons = passed, [f"{_mark(passed)}: PPL {r_ppl:.2f} {'<' if passed else '>='} "
+                           f"{at(lim['minimum_ppl'], MIN_PPL)}"]
     if p_ppl is None:
         ok = False
         reasons.append("FAIL: the pruned model's PPL is missing, so the 20% improvement cannot be checked")
     else:
         need = (1 - MIN_PPL_GAIN) * p_ppl
-        gain = (p_ppl - r_ppl) / p_ppl * 100
         passed = r_ppl <= need
         ok &= passed
-        reasons.append(f"{'pass' if passed else 'FAIL'}: PPL {gain:.1f}% lower than the pruned model's {p_ppl:.2f} "
-                       f"(needs at least {MIN_PPL_GAIN * 100:.0f}%: <= {need:.2f})")
+        reasons.append(f"{_mark(passed)}: PPL {(p_ppl - r_ppl) / p_ppl * 100:.1f}% lower than the pruned model's "
+                       f"{p_ppl:.2f} (needs at least {MIN_PPL_GAIN * 100:.0f}%: <= {need:.2f})")
     passed, text = _task_check(ratios, MIN_TASK_RATIO)
-    ok &= passed
-    reasons.append(text)
-    tiers = [TierCheck("minimum", ok, reasons)]
+    return TierCheck("minimum", ok and passed, reasons + [text])
 
-    # ideal
-    reasons, ok = [], tiers[-1].passed
-    if not tiers[-1].passed:
-        reasons.append("FAIL: needs the minimum tier")
+
+def _ideal(r_ppl, ratios, lim, at, below: TierCheck) -> TierCheck:
+    reasons = [] if below.passed else ["FAIL: needs the minimum tier"]
     passed = r_ppl < lim["ideal_ppl"]
-    ok &= passed
-    reasons.append(f"{'pass' if passed else 'FAIL'}: PPL {r_ppl:.2f} {'<' if passed else '>='} {at(lim['ideal_ppl'], IDEAL_PPL)}")
-    passed, text = _task_check(ratios, IDEAL_TASK_RATIO)
-    ok &= passed
-    reasons.append(text)
-    tiers.append(TierCheck("ideal", ok, reasons))
+    reasons.append(f"{_mark(passed)}: PPL {r_ppl:.2f} {'<' if passed else '>='} {at(lim['ideal_ppl'], IDEAL_PPL)}")
+    tasks_ok, text = _task_check(ratios, IDEAL_TASK_RATIO)
+    return TierCheck("ideal", below.passed and passed and tasks_ok, reasons + [text])
 
-    # perfect
-    reasons, ok = [], tiers[-1].passed
-    if not tiers[-1].passed:
-        reasons.append("FAIL: needs the ideal tier")
+
+def _perfect(r_ppl, lim, at, below: TierCheck) -> TierCheck:
+    reasons = [] if below.passed else ["FAIL: needs the ideal tier"]
     lo, hi = lim["perfect_ppl"]
     passed = lo <= r_ppl <= hi
-    ok &= passed
     if passed:
         reasons.append(f"pass: PPL {r_ppl:.2f} within {at(lo, PERFECT_PPL[0])} .. {at(hi, PERFECT_PPL[1])}")
     elif r_ppl < lo:
@@ -298,15 +290,30 @@ def compare(original: ModelScores, pruned: ModelScores, recovered: ModelScores, 
                        "the guide expects; check that the evaluation text was not in the fine-tuning data")
     else:
         reasons.append(f"FAIL: PPL {r_ppl:.2f} above {at(hi, PERFECT_PPL[1])}")
-    tiers.append(TierCheck("perfect", ok, reasons))
+    return TierCheck("perfect", below.passed and passed, reasons)
 
+
+def compare(original: ModelScores, pruned: ModelScores, recovered: ModelScores, *,
+            ppl_dataset: str | None = None) -> Comparison:
+    """Compare the three models; the verdict uses ``ppl_dataset`` (default wikitext2, else the first)."""
+    ppl_dataset = _ppl_dataset(original, pruned, recovered, ppl_dataset)
+    notes: list[str] = []
+    rows, ratios, tasks = _rows(original, pruned, recovered, notes)
+    o_ppl, r_ppl, p_ppl = original.ppl[ppl_dataset], recovered.ppl[ppl_dataset], pruned.ppl.get(ppl_dataset)
+    lim = tier_limits(o_ppl)
+    f = lim["factor"]
+    scaled = abs(o_ppl - REFERENCE_PPL) >= 0.005  # 19.66 as the guide rounds it
+    at = (lambda v, ref: f"{v:.2f} (= {ref:g} x {f:.3f})") if scaled else (lambda v, ref: f"{ref:g}")
+    tiers = [_minimum(r_ppl, p_ppl, ratios, lim, at)]
+    tiers.append(_ideal(r_ppl, ratios, lim, at, tiers[-1]))
+    tiers.append(_perfect(r_ppl, lim, at, tiers[-1]))
     reached = [t.tier for t in tiers if t.passed]
-    verdict = reached[-1] if reached else "below minimum"
     if not tasks:
         notes.append("no zero-shot results: the verdict rests on PPL alone")
     protocol = (recovered.protocol.get(ppl_dataset) or original.protocol.get(ppl_dataset)
                 or f"{ppl_dataset} (split, window and stride not given)")
     return Comparison(
         labels=(original.label, pruned.label, recovered.label), ppl_dataset=ppl_dataset, ppl_protocol=protocol,
-        rows=rows, tiers=tiers, verdict=verdict, scale_factor=f, scaled=scaled, limits=lim, notes=notes,
+        rows=rows, tiers=tiers, verdict=reached[-1] if reached else "below minimum", scale_factor=f, scaled=scaled,
+        limits=lim, notes=notes,
     )

@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from gqaprune.data import load_text_corpus
+from gqaprune.data.corpora import load_text_corpus
 from gqaprune.errors import GQAPruneError
 
 log = logging.getLogger(__name__)

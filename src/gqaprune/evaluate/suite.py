@@ -14,13 +14,17 @@ import logging
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from gqaprune.options import opt
+from gqaprune.errors import GQAPruneError
+from gqaprune.models.adapters import load_with_adapter
+from gqaprune.options import ModelArgs, opt
+from gqaprune.models.io import local_path
+from gqaprune.outputs import check_output, write_folder
 
 log = logging.getLogger(__name__)
 
 
 @dataclass
-class EvalOptions:
+class EvalOptions(ModelArgs):
     model: str = opt("smollm2-135m", "model: checkpoint folder, Hub id, .gguf, alias, or legacy pickle (with "
                      "--base-model: the pruned model)", aliases=("--pruned-model", "--pruned_model"))
     adapter: str | None = opt(None, "LoRA adapter folder to apply on top of --model", aliases=("--lora-dir", "--lora_dir"))
@@ -36,9 +40,31 @@ class EvalOptions:
     limit: int | None = opt(None, "examples per zero-shot task (quick runs)")
     batch_size: int = opt(8, "windows / examples per forward pass")
     output: str | None = opt(None, "folder to write eval.json and eval.md into", aliases=("--output-dir", "--output_dir"))
-    dtype: str | None = opt(None, "fp32, bf16 or fp16 (default: bf16 on capable GPUs, else fp32)")
-    device: str | None = opt(None, "device (default: cuda if available)")
-    allow_pickle: bool = opt(False, "allow loading a legacy pickled model (runs code from the file)")
+    overwrite: bool = opt(False, "replace the --output folder if gqaprune wrote it")
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        from gqaprune.data.corpora import check_corpus
+        from gqaprune.evaluate.zeroshot import parse_tasks
+
+        if self.base_model is not None and not self.adapter and not self.recovered:
+            raise GQAPruneError("--base-model compares original, pruned and recovered: give the recovered model as "
+                                "--adapter LORA_DIR (on top of --model) or --recovered MERGED_DIR")
+        if self.recovered is not None and self.base_model is None:
+            raise GQAPruneError("--recovered is compared with --base-model and --model: give --base-model too, or "
+                                "evaluate the merged folder alone with --model")
+        if self.seq_len < 2:
+            raise GQAPruneError(f"--seq-len {self.seq_len}: a window needs at least 2 tokens")
+        if self.stride is not None and not 1 <= self.stride <= self.seq_len:
+            raise GQAPruneError(f"--stride {self.stride}: must be between 1 and the window length {self.seq_len} "
+                                "(leave it out for non-overlapping windows)")
+        for name, v in (("max_tokens", self.max_tokens), ("limit", self.limit), ("batch_size", self.batch_size)):
+            if v is not None and v < 1:
+                raise GQAPruneError(f"--{name.replace('_', '-')} {v}: must be at least 1")
+        for name in self.ppl:
+            check_corpus(name, "test", "--ppl")
+        if self.tasks:
+            self.tasks = parse_tasks(self.tasks)
 
 
 @dataclass
@@ -82,17 +108,6 @@ class SuiteResult:
         return "\n".join(parts)
 
 
-def load_with_adapter(model_ref: str, adapter: str | None, **kw):
-    """(model, tokenizer): the base from ``model_ref``, with a PEFT LoRA adapter applied when given."""
-    from gqaprune.generate import load_adapter
-    from gqaprune.model_io import load_model
-
-    model, tok = load_model(model_ref, **kw)
-    if adapter:
-        model = load_adapter(model, adapter, base_label=model_ref)
-    return model, tok
-
-
 def evaluate_one(opts: EvalOptions, model, tokenizer, label: str, adapter: str | None = None) -> EvalResult:
     """PPL on each of ``opts.ppl`` and accuracy on each of ``opts.tasks`` for a loaded model."""
     from gqaprune.evaluate.perplexity import perplexity, tokenize_corpus  # noqa: F401
@@ -110,8 +125,9 @@ def evaluate_one(opts: EvalOptions, model, tokenizer, label: str, adapter: str |
     return res
 
 
-def _load_and_eval(opts: EvalOptions, ref: str, adapter: str | None) -> EvalResult:
-    model, tok = load_with_adapter(ref, adapter, dtype=opts.dtype, device=opts.device, allow_pickle=opts.allow_pickle)
+def _load_and_eval(opts: EvalOptions, ref: str, adapter: str | None, flag: str = "--model") -> EvalResult:
+    model, tok = load_with_adapter(ref, adapter, dtype=opts.dtype, device=opts.device, allow_pickle=opts.allow_pickle,
+                                   flag=flag)
     try:
         return evaluate_one(opts, model, tok, ref, adapter)
     finally:
@@ -121,6 +137,11 @@ def _load_and_eval(opts: EvalOptions, ref: str, adapter: str | None) -> EvalResu
 
 def evaluate_model(opts: EvalOptions, model=None, tokenizer=None) -> SuiteResult:
     """Evaluate ``opts.model`` (+ adapter); with ``base_model``, original vs pruned vs recovered."""
+    if opts.output:
+        inputs = {f: local_path(r) for f, r in (("--model", opts.model), ("--base-model", opts.base_model),
+                                                 ("--recovered", opts.recovered))}
+        inputs.update({"--adapter": opts.adapter, **{f"--ppl {n}": n for n in opts.ppl}})
+        check_output(opts.output, flag="--output", overwrite=opts.overwrite, inputs=inputs)
     if opts.base_model is None:
         if model is not None:
             results = [evaluate_one(opts, model, tokenizer, opts.model, opts.adapter)]
@@ -128,22 +149,19 @@ def evaluate_model(opts: EvalOptions, model=None, tokenizer=None) -> SuiteResult
             results = [_load_and_eval(opts, opts.model, opts.adapter)]
         suite = SuiteResult(results)
     else:
-        from gqaprune.errors import GQAPruneError
         from gqaprune.evaluate.compare import ModelScores, compare
 
-        if not opts.adapter and not opts.recovered:
-            raise GQAPruneError("--base-model compares original, pruned and recovered: give the recovered model as "
-                                "--adapter LORA_DIR (on top of --model) or --recovered MERGED_DIR")
-        original = _load_and_eval(opts, opts.base_model, None)
+        original = _load_and_eval(opts, opts.base_model, None, "--base-model")
         pruned = _load_and_eval(opts, opts.model, None)
-        recovered = (_load_and_eval(opts, opts.recovered, None) if opts.recovered
+        recovered = (_load_and_eval(opts, opts.recovered, None, "--recovered") if opts.recovered
                      else _load_and_eval(opts, opts.model, opts.adapter))
         scores = [ModelScores.from_results(lbl, r.ppl, r.tasks or None)
                   for lbl, r in (("original", original), ("pruned", pruned), ("recovered", recovered))]
         suite = SuiteResult([original, pruned, recovered], compare(*scores))
     if opts.output:
-        out = Path(opts.output)
-        out.mkdir(parents=True, exist_ok=True)
-        (out / "eval.json").write_text(json.dumps(suite.to_dict(), indent=2, default=str))
-        (out / "eval.md").write_text(suite.markdown())
+        def fill(tmp: Path) -> None:
+            (tmp / "eval.json").write_text(json.dumps(suite.to_dict(), indent=2, default=str))
+            (tmp / "eval.md").write_text(suite.markdown())
+
+        write_folder(opts.output, "eval", fill, overwrite=opts.overwrite, flag="--output")
     return suite

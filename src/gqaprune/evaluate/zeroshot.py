@@ -26,11 +26,13 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from gqaprune.compat import datasets as datasets_compat
+from gqaprune.compat import huggingface_hub as hub_compat
+from gqaprune.compat import lm_eval as lm_eval_compat
+from gqaprune.data import sources
 from gqaprune.errors import GQAPruneError
 
 log = logging.getLogger(__name__)
-
-DATA_DIR_ENV = "GQAPRUNE_DATA_DIR"
 
 # task -> (stock YAML inside lm_eval/tasks, local file inside <data_dir>/zeroshot)
 TASKS: dict[str, tuple[str, str]] = {
@@ -152,17 +154,13 @@ def parse_tasks(tasks: str | Sequence[str]) -> list[str]:
 
 
 def resolve_data_dir(data_dir: str | os.PathLike | None = None) -> Path | None:
-    """The local data root (``data_dir``, else ``$GQAPRUNE_DATA_DIR``), or None for the Hub."""
-    root = data_dir if data_dir is not None else os.environ.get(DATA_DIR_ENV) or None
-    if root is None:
-        return None
-    root = Path(root).expanduser()
+    """The local data root (``data_dir``, else ``$GQAPRUNE_DATA_DIR`` through data.sources), or None for the Hub."""
+    if data_dir is None:
+        return sources.data_dir()
+    root = Path(data_dir).expanduser()
     if not root.is_dir():
-        how = "data_dir" if data_dir is not None else f"${DATA_DIR_ENV}"
-        raise GQAPruneError(
-            f"{how}={root}: not a folder. Point it at a folder laid out like ../shared/data "
-            f"(with zeroshot/*.jsonl), or unset it to read the Hub datasets."
-        )
+        raise GQAPruneError(f"data_dir={root}: not a folder. Point it at a folder laid out like shared/data "
+                            "(with zeroshot/*.jsonl), or leave it out to read the Hub datasets.")
     return root
 
 
@@ -172,7 +170,7 @@ def local_file(task: str, root: Path) -> Path:
     if not path.is_file():
         raise GQAPruneError(
             f"zero-shot task {task}: local file {path} not found. Put the {task} validation split there "
-            f"(Hub schema, one JSON object a line), or unset {DATA_DIR_ENV} to read the Hub dataset."
+            f"(Hub schema, one JSON object a line), or unset {sources.DATA_DIR_ENV} to read the Hub dataset."
         )
     return path
 
@@ -231,76 +229,9 @@ def task_config(task: str, local_path: Path | None = None) -> dict[str, Any]:
 
 @contextlib.contextmanager
 def hf_offline() -> Iterator[None]:
-    """Force Hugging Face Hub / datasets offline for the block, also in already-imported modules."""
-    env_keys = ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE")
-    old_env = {k: os.environ.get(k) for k in env_keys}
-    patched: list[tuple[Any, str, Any]] = []
-    try:
-        for k in env_keys:
-            os.environ[k] = "1"
-        import sys
-
-        # These modules read the variables once at import; patch their copies too.
-        for mod_name, attrs in (("huggingface_hub.constants", ("HF_HUB_OFFLINE",)),
-                                ("datasets.config", ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE"))):
-            mod = sys.modules.get(mod_name)
-            if mod is None:
-                continue
-            for attr in attrs:
-                if hasattr(mod, attr):
-                    patched.append((mod, attr, getattr(mod, attr)))
-                    setattr(mod, attr, True)
+    """Force the Hugging Face Hub and datasets offline for the block, also in already-imported modules."""
+    with hub_compat.offline(), datasets_compat.offline():
         yield
-    finally:
-        for mod, attr, value in reversed(patched):
-            setattr(mod, attr, value)
-        for k, v in old_env.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
-
-
-# lm-eval warnings that say nothing about the user's run: how we hand it a model, and stock
-# task YAMLs (boolq) that leave a metric's aggregation to lm-eval's default, which it then uses
-_EXPECTED_WARNINGS = ("`pretrained` model kwarg is not of type `str`",
-                      "Passed an already-initialized model through `pretrained`",
-                      "is defined, but aggregation is not", "is defined, but higher_is_better is not")
-
-
-def _drop_expected(record) -> bool:
-    msg = str(record.msg)
-    return not any(w in msg for w in _EXPECTED_WARNINGS)
-
-
-@contextlib.contextmanager
-def _quiet_lm_eval() -> Iterator[None]:
-    """Silence lm-eval's noise that says nothing about the user's run: the warnings above, and
-    git's "fatal: not a git repository" when lm-eval records ``git describe`` outside a repository."""
-    import subprocess
-
-    import lm_eval.evaluator as ev
-
-    def quiet_git_hash():
-        try:
-            out = subprocess.run(["git", "describe", "--always"], capture_output=True, text=True, timeout=10)
-        except (OSError, subprocess.SubprocessError):
-            return None
-        return (out.stdout.strip() or None) if out.returncode == 0 else None
-
-    loggers = [logging.getLogger(n) for n in ("lm_eval.models.huggingface", "lm_eval.api.task")]
-    for lg in loggers:
-        lg.addFilter(_drop_expected)
-    orig = getattr(ev, "get_git_commit_hash", None)
-    if orig is not None:
-        ev.get_git_commit_hash = quiet_git_hash
-    try:
-        yield
-    finally:
-        for lg in loggers:
-            lg.removeFilter(_drop_expected)
-        if orig is not None:
-            ev.get_git_commit_hash = orig
 
 
 def _source(cfg: dict[str, Any]) -> str:
@@ -349,7 +280,7 @@ def zeroshot(model, tokenizer, tasks: str | Sequence[str], *, limit: int | None 
     offline = root is not None
     guard = hf_offline() if offline else contextlib.nullcontext()
     t0 = time.perf_counter()
-    with guard, _quiet_lm_eval():
+    with guard, lm_eval_compat.quiet():
         configs = {t: task_config(t, files.get(t)) for t in names}
         task_objs = {}
         for t, cfg in configs.items():
@@ -374,36 +305,31 @@ def zeroshot(model, tokenizer, tasks: str | Sequence[str], *, limit: int | None 
             if was_training:
                 model.train()
     wall = time.perf_counter() - t0
-
-    results: dict[str, TaskResult] = {}
-    for t in names:
-        res = out["results"][t]
-        task_obj = task_objs[t]
-        split = task_obj.config.test_split if task_obj.has_test_docs() else task_obj.config.validation_split
-        counts = out.get("n-samples", {}).get(t, {})
-        note = ""
-        if offline and (stock := stock_split(t)) != split:
-            note = (f"lm-eval scores {t} on the Hub's {stock} split; the local file is the "
-                    f"{split} split, so this is {split} accuracy")
-        results[t] = TaskResult(
-            task=t,
-            acc=float(res["acc,none"]),
-            acc_norm=_float(res.get("acc_norm,none")),
-            acc_stderr=_float(res.get("acc_stderr,none")),
-            acc_norm_stderr=_float(res.get("acc_norm_stderr,none")),
-            split=str(split),
-            n=int(counts.get("effective", res.get("sample_len", 0))),
-            n_available=int(counts.get("original", 0)),
-            limit=limit,
-            source=str(files[t]) if offline else _source(configs[t]),
-            note=note,
-        )
-        log.info("%s", results[t].line())
+    results = {t: _task_result(t, out, task_objs[t], configs[t], files.get(t), limit, offline) for t in names}
     return ZeroShotResult(
         tasks=results, limit=limit, batch_size=batch_size, num_fewshot=0,
         lm_eval_version=getattr(lm_eval, "__version__", ""), wall_s=wall, offline=offline,
         data_dir=str(root) if root is not None else None,
     )
+
+
+def _task_result(t: str, out: dict, task_obj, cfg: dict, file: Path | None, limit: int | None,
+                 offline: bool) -> TaskResult:
+    """One task's result from lm-eval's output, with the split it scored and where the data came from."""
+    res = out["results"][t]
+    split = task_obj.config.test_split if task_obj.has_test_docs() else task_obj.config.validation_split
+    counts = out.get("n-samples", {}).get(t, {})
+    note = ""
+    if offline and (stock := stock_split(t)) != split:
+        note = (f"lm-eval scores {t} on the Hub's {stock} split; the local file is the "
+                f"{split} split, so this is {split} accuracy")
+    r = TaskResult(task=t, acc=float(res["acc,none"]), acc_norm=_float(res.get("acc_norm,none")),
+                   acc_stderr=_float(res.get("acc_stderr,none")), acc_norm_stderr=_float(res.get("acc_norm_stderr,none")),
+                   split=str(split), n=int(counts.get("effective", res.get("sample_len", 0))),
+                   n_available=int(counts.get("original", 0)), limit=limit,
+                   source=str(file) if offline else _source(cfg), note=note)
+    log.info("%s", r.line())
+    return r
 
 
 def stock_split(task: str) -> str:

@@ -36,7 +36,7 @@ Targets (``target``):
              bring the pruned residual stream back to the dense one, so it also corrects
              drift that earlier layers left behind.
 
-Overfitting guard (DESIGN.md "Measuring quality"): the last ``holdout`` fraction of the
+Overfitting guard (docs/architecture.md, "Measuring quality"): the last ``holdout`` fraction of the
 calibration samples is not fitted; its errors are reported beside the fitted ones, the
 automatic ridge is the one with the lowest held-out error (so that error is slightly
 optimistic: one number picked from RIDGE_GRID), and a refit that makes the held-out
@@ -61,92 +61,15 @@ import torch
 from tqdm.auto import tqdm
 
 from gqaprune.errors import GQAPruneError
+from gqaprune.models.layout import model_layout, q_rows
+from gqaprune.prune.layerwise import attention, capture_layer_inputs, check_layers, mlp
 from gqaprune.prune.plan import PrunePlan
-from gqaprune.prune.structure import decoder_layers, model_layout, q_rows
 
 log = logging.getLogger(__name__)
 
 TARGETS = ("layer", "dense")
 RIDGE_GRID = (1e-3, 1e-2, 1e-1, 1.0, 10.0, 100.0)   # x mean(diag(X^T X)); chosen on held-out tokens
 DEFAULT_RIDGE = 1e-2                                 # when nothing is held out
-
-
-class _Stop(Exception):
-    """Raised by a hook to end a forward pass once the wanted inputs are captured."""
-
-
-@torch.no_grad()
-def capture_layer_inputs(model, ids: torch.Tensor, batch_size: int) -> list[tuple[torch.Tensor, dict]]:
-    """Per batch: (hidden states entering decoder layer 0, the keyword arguments the layers get).
-
-    The keyword arguments (rotary position embeddings, causal mask, position ids) are what
-    the model passes each layer, captured so layers can be run one at a time.
-    """
-    layers = decoder_layers(model)
-    device = next(model.parameters()).device
-    store: list[tuple[torch.Tensor, dict]] = []
-
-    def hook(mod, args, kwargs):
-        h = args[0] if args else kwargs["hidden_states"]
-        kw = {k: v for k, v in kwargs.items() if k != "hidden_states"}
-        store.append((h.detach(), kw))
-        raise _Stop
-
-    handle = layers[0].register_forward_pre_hook(hook, with_kwargs=True)
-    was = model.training
-    model.eval()
-    try:
-        for b in range(0, ids.shape[0], batch_size):
-            try:
-                model(input_ids=ids[b:b + batch_size].to(device), use_cache=False)
-            except _Stop:
-                pass
-    finally:
-        handle.remove()
-        model.train(was)
-    return store
-
-
-def _check_llama_layer(layer, i: int) -> None:
-    need = ("input_layernorm", "self_attn", "post_attention_layernorm", "mlp")
-    missing = [n for n in need if not hasattr(layer, n)]
-    if missing:
-        raise GQAPruneError(f"--compensate: decoder layer {i} has no {', '.join(missing)}; compensation supports "
-                            "Llama-style layers (pre-norm attention then pre-norm MLP)")
-
-
-class _Capture:
-    """A forward pre-hook that keeps the input of one nn.Linear."""
-
-    def __init__(self, lin):
-        self.x = None
-        self.h = lin.register_forward_pre_hook(self)
-
-    def __call__(self, mod, args):
-        self.x = args[0].detach()
-
-    def remove(self):
-        self.h.remove()
-
-
-def _attention(layer, h: torch.Tensor, kw: dict) -> tuple[torch.Tensor, torch.Tensor]:
-    """(o_proj input, attention output) of ``layer`` on hidden states ``h``."""
-    cap = _Capture(layer.self_attn.o_proj)
-    try:
-        out = layer.self_attn(hidden_states=layer.input_layernorm(h), **kw)[0]
-    finally:
-        cap.remove()
-    return cap.x, out
-
-
-def _mlp(layer, r: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(down_proj input, MLP output) of ``layer`` on the post-attention residual ``r``."""
-    cap = _Capture(layer.mlp.down_proj)
-    try:
-        out = layer.mlp(layer.post_attention_layernorm(r))
-    finally:
-        cap.remove()
-    return cap.x, out
 
 
 class LstsqStats:
@@ -238,6 +161,75 @@ def _split(n_samples: int, holdout: float) -> int:
     return min(n_samples - 1, max(1, round(n_samples * holdout)))
 
 
+class _Sublayers:
+    """The calibration batches of one compensation run and the refit of one sublayer at a time.
+
+    ``hp``: the pruned model's hidden states entering the current layer, per batch; ``kws`` the
+    layer keyword arguments; ``held[j]``: batch j is held out of the fit (it only checks it).
+    """
+
+    def __init__(self, batches, target: str, ridge: float | None, device):
+        self.kws = [b[1] for b in batches]
+        self.held = [b[2] for b in batches]
+        self.target, self.ridge, self.device = target, ridge, device
+        self.acc_dtype = torch.float32  # sums over <= ~1e6 tokens: float32 is plenty next to the ridge; 2x faster on CPU
+
+    def _refit(self, lin, kept: torch.Tensor, removed: torch.Tensor, pairs) -> dict:
+        """Accumulate (kept inputs, target output) pairs per batch into fit/held-out sums, then refit ``lin``."""
+        fit = LstsqStats(kept.numel(), lin.out_features, self.device, self.acc_dtype)
+        held = LstsqStats(kept.numel(), lin.out_features, self.device, self.acc_dtype)
+        bias = lin.bias.detach() if lin.bias is not None else None
+        for j, (x_kept, y) in enumerate(pairs):
+            (held if self.held[j] else fit).add(x_kept, y if bias is None else y - bias)
+        return _refit(lin, kept, removed, fit, held, self.ridge)
+
+    def dense(self, layer, hd):
+        """(post-attention residuals, layer outputs) of the unpruned layer on the dense hidden states."""
+        rd, hd_next = [], []
+        for h, kw in zip(hd, self.kws):
+            rd.append(h + attention(layer, h, kw)[1])
+            hd_next.append(rd[-1] + mlp(layer, rd[-1])[1])
+        return rd, hd_next
+
+    def attention(self, layer, hp, kv_keep, kv_rm, r: int, d: int, rd) -> tuple[list, dict | None]:
+        """Refit o_proj's columns of the kept heads; returns the post-attention residuals and the record."""
+        if not kv_rm:
+            return [h + attention(layer, h, kw)[1] for h, kw in zip(hp, self.kws)], None
+        o = layer.self_attn.o_proj
+        kept, removed = q_rows(kv_keep, r, d), q_rows(kv_rm, r, d)
+        kd = kept.to(self.device)
+        o_ins = []
+
+        def pairs():
+            for j, (h, kw) in enumerate(zip(hp, self.kws)):
+                x, out = attention(layer, h, kw)
+                o_ins.append(x)
+                yield x.index_select(-1, kd), (out if self.target == "layer" else rd[j] - h)
+
+        rec = self._refit(o, kept, removed, pairs())
+        return [h + o(x) for h, x in zip(hp, o_ins)], rec
+
+    def mlp(self, layer, rp, ch_keep, ch_rm, hd_next) -> tuple[list, dict | None]:
+        """Refit down_proj's columns of the kept channels, fed the refit attention's residuals."""
+        if not ch_rm:
+            return [rj + mlp(layer, rj)[1] for rj in rp], None
+        dn = layer.mlp.down_proj
+        kept = torch.tensor(ch_keep, dtype=torch.long)
+        removed = torch.tensor(sorted(ch_rm), dtype=torch.long)
+        kd = kept.to(self.device)
+        xs = []   # kept channels only: tokens x kept width, for the output below
+
+        def pairs():
+            for j, rj in enumerate(rp):
+                x, out = mlp(layer, rj)
+                xs.append(x.index_select(-1, kd))
+                yield xs[-1], (out if self.target == "layer" else hd_next[j] - rj)
+
+        rec = self._refit(dn, kept, removed, pairs())
+        w_k = dn.weight.index_select(1, kd)
+        return [rj + torch.nn.functional.linear(xk, w_k, dn.bias) for rj, xk in zip(rp, xs)], rec
+
+
 @torch.no_grad()
 def compensate(model, plan: PrunePlan, ids: torch.Tensor, *, target: str = "layer", ridge: float | None = None,
                holdout: float = 0.125, batch_size: int = 8, progress: bool = True) -> dict:
@@ -249,113 +241,47 @@ def compensate(model, plan: PrunePlan, ids: torch.Tensor, *, target: str = "laye
     """
     if target not in TARGETS:
         raise GQAPruneError(f"--compensate-target {target}: choose one of {', '.join(TARGETS)}")
-    if ridge is not None and ridge < 0:
-        raise GQAPruneError(f"--compensate-ridge {ridge}: must be >= 0")
     if ids is None or ids.ndim != 2 or ids.shape[0] < 1:
         raise GQAPruneError("--compensate needs calibration token ids (samples x tokens)")
     t0 = time.perf_counter()
     layout = model_layout(model)
     plan.check_matches(layout)
-    layers = decoder_layers(model)
-    for i, layer in enumerate(layers):
-        _check_llama_layer(layer, i)
-    r, d = layout.q_per_kv, layout.head_dim
-    device = next(model.parameters()).device
-    acc_dtype = torch.float32  # sums over <= ~1e6 tokens: float32 is plenty next to the ridge; 2x faster on CPU
-
+    layers = check_layers(model, "--compensate")
     n_held = _split(ids.shape[0], holdout)
     fit_ids, held_ids = ids[: ids.shape[0] - n_held], ids[ids.shape[0] - n_held:]
     batches = [(h, kw, False) for h, kw in capture_layer_inputs(model, fit_ids, batch_size)]
     if n_held:
         batches += [(h, kw, True) for h, kw in capture_layer_inputs(model, held_ids, batch_size)]
+    sub = _Sublayers(batches, target, ridge, next(model.parameters()).device)
     hp = [b[0] for b in batches]                       # pruned model's hidden states entering layer i
     hd = list(hp) if target == "dense" else None       # dense model's (target "dense" only)
-    kws = [b[1] for b in batches]
-    held_flags = [b[2] for b in batches]
-
     report_layers = []
     was = model.training
     model.eval()
     try:
         for i, layer in enumerate(tqdm(layers, desc=f"compensate ({target})", disable=not progress)):
             s = layout.layers[i]
-            kv_keep, ch_keep = plan.kv_groups[i], plan.mlp_channels[i]
-            kv_rm = [g for g in range(s.n_kv) if g not in set(kv_keep)]
-            ch_rm_set = set(range(s.n_mlp)) - set(ch_keep)
+            kv_rm = [g for g in range(s.n_kv) if g not in set(plan.kv_groups[i])]
+            ch_rm = set(range(s.n_mlp)) - set(plan.mlp_channels[i])
             rec: dict = {"layer": i}
-            if not kv_rm and not ch_rm_set and target == "layer":
-                hp = [layer(h, **kw) for h, kw in zip(hp, kws)]
+            if not kv_rm and not ch_rm and target == "layer":
+                hp = [layer(h, **kw) for h, kw in zip(hp, sub.kws)]
                 report_layers.append(rec)
                 continue
             # dense targets: the unpruned layer on the dense hidden states, before it is modified
-            rd, hd_next = None, None
-            if target == "dense":
-                rd, hd_next = [], []
-                for h, kw in zip(hd, kws):
-                    _, a = _attention(layer, h, kw)
-                    rd.append(h + a)
-                    hd_next.append(rd[-1] + _mlp(layer, rd[-1])[1])
-
-            # ---- attention: o_proj columns of the kept heads
-            o = layer.self_attn.o_proj
-            o_bias = o.bias.detach() if o.bias is not None else None
-            o_ins = []
-            if kv_rm:
-                kept, removed = q_rows(kv_keep, r, d), q_rows(kv_rm, r, d)
-                fit = LstsqStats(kept.numel(), o.out_features, device, acc_dtype)
-                held = LstsqStats(kept.numel(), o.out_features, device, acc_dtype)
-                kd = kept.to(device)
-                for j, (h, kw) in enumerate(zip(hp, kws)):
-                    x, out = _attention(layer, h, kw)
-                    o_ins.append(x)
-                    y = out if target == "layer" else rd[j] - h
-                    if o_bias is not None:
-                        y = y - o_bias
-                    (held if held_flags[j] else fit).add(x.index_select(-1, kd), y)
-                rec["attn"] = _refit(o, kept, removed, fit, held, ridge)
-                del fit, held
-                rp = [h + o(x) for h, x in zip(hp, o_ins)]
-            else:
-                rp = [h + _attention(layer, h, kw)[1] for h, kw in zip(hp, kws)]
-            del o_ins
-
-            # ---- MLP: down_proj columns of the kept channels, fed the refit attention's residual
-            dn = layer.mlp.down_proj
-            d_bias = dn.bias.detach() if dn.bias is not None else None
-            if ch_rm_set:
-                kept = torch.tensor(ch_keep, dtype=torch.long)
-                removed = torch.tensor(sorted(ch_rm_set), dtype=torch.long)
-                fit = LstsqStats(kept.numel(), dn.out_features, device, acc_dtype)
-                held = LstsqStats(kept.numel(), dn.out_features, device, acc_dtype)
-                kd = kept.to(device)
-                xs = []
-                for j, rj in enumerate(rp):
-                    x, out = _mlp(layer, rj)
-                    xk = x.index_select(-1, kd)
-                    xs.append(xk)  # kept channels only: tokens x kept width, for the output below
-                    y = out if target == "layer" else hd_next[j] - rj
-                    if d_bias is not None:
-                        y = y - d_bias
-                    (held if held_flags[j] else fit).add(xk, y)
-                rec["mlp"] = _refit(dn, kept, removed, fit, held, ridge)
-                del fit, held
-                w_k = dn.weight.index_select(1, kd)
-                hp = [rj + torch.nn.functional.linear(xk, w_k, dn.bias) for rj, xk in zip(rp, xs)]
-                del xs, w_k
-            else:
-                hp = [rj + _mlp(layer, rj)[1] for rj in rp]
-            del rp
+            rd, hd_next = sub.dense(layer, hd) if target == "dense" else (None, None)
+            rp, rec_attn = sub.attention(layer, hp, plan.kv_groups[i], kv_rm, layout.q_per_kv, layout.head_dim, rd)
+            hp, rec_mlp = sub.mlp(layer, rp, plan.mlp_channels[i], ch_rm, hd_next)
+            rec.update({k: v for k, v in (("attn", rec_attn), ("mlp", rec_mlp)) if v is not None})
             if target == "dense":
                 hd = hd_next
             report_layers.append(rec)
     finally:
         model.train(was)
-
-    n_fit = int(fit_ids.numel())
     rep = {"target": target, "ridge": "auto (held-out)" if ridge is None and n_held else
-           (DEFAULT_RIDGE if ridge is None else ridge), "tokens_fit": n_fit, "tokens_heldout": int(held_ids.numel()),
-           "samples_fit": int(fit_ids.shape[0]), "samples_heldout": n_held, "seconds": round(time.perf_counter() - t0, 2),
-           "layers": report_layers}
+           (DEFAULT_RIDGE if ridge is None else ridge), "tokens_fit": int(fit_ids.numel()),
+           "tokens_heldout": int(held_ids.numel()), "samples_fit": int(fit_ids.shape[0]), "samples_heldout": n_held,
+           "seconds": round(time.perf_counter() - t0, 2), "layers": report_layers}
     rep["summary"] = summarize(rep)
     log.info("compensation: %s", rep["summary"])
     return rep
@@ -398,105 +324,3 @@ def summary_line(rep: dict) -> str:
     toks = f"{s['tokens_fit']:,} tokens fitted, {s['tokens_heldout']:,} held out"
     return f"compensation ({rep['target']}, ridge {rep['ridge']}): " + "; ".join(parts or ["nothing removed"]) \
         + f"; {toks}"
-
-
-# ---------------------------------------------------------------------- compensation-aware scores
-OBS_DAMP = 1e-2  # x mean(diag(X^T X)), as SparseGPT's percdamp
-
-
-OBS_ROUNDS = 32  # greedy removal in at most this many rounds (one Gram-inverse update per round)
-
-
-def greedy_obs_order(w: torch.Tensor, gram: torch.Tensor, group: int, damp: float = OBS_DAMP,
-                     rounds: int = OBS_ROUNDS) -> torch.Tensor:
-    """Scores from greedy structured OBS on one consuming projection: lower = removed earlier.
-
-    ``w`` (out x n): the projection reading the units; ``gram`` (n x n): X^T X of its input;
-    units are ``group`` consecutive columns. Each round removes the units whose removal, with
-    the remaining columns refit by least squares, raises ||Y - X W'^T||^2 least
-    (cost of unit u = tr(W_u [H^-1]_uu^-1 W_u^T), H = X^T X + damp), then updates W and
-    H^-1 as if they were gone (Optimal Brain Surgeon, blockwise; as in ZipLM / SlimGPT).
-    Units are removed ``ceil(units / rounds)`` at a time (one at a time when there are at
-    most ``rounds`` units, e.g. KV groups), which keeps the cost at ``rounds`` updates of
-    H^-1 instead of one per unit. A unit's score is the running maximum of the costs at its
-    removal, so a unit kept longer scores at least as high; the last one scores highest.
-    """
-    n = gram.shape[0]
-    units = n // group
-    g = gram.to(torch.float64)
-    lam = damp * float(g.diagonal().mean()) or 1e-12
-    g = g + lam * torch.eye(n, dtype=g.dtype, device=g.device)
-    chol, info = torch.linalg.cholesky_ex(g)
-    eye = torch.eye(n, dtype=g.dtype, device=g.device)
-    hinv = torch.cholesky_solve(eye, chol) if int(info) == 0 else torch.linalg.pinv(g)
-    wk = w.to(torch.float64).clone()
-    alive = torch.ones(units, dtype=torch.bool)
-    score = torch.zeros(units, dtype=torch.float64)
-    chunk = max(1, -(-units // rounds))
-    running = 0.0
-    while int(alive.sum()) > 1:
-        idx = alive.nonzero().flatten()
-        if group == 1:
-            costs = ((wk * wk).sum(0) / hinv.diagonal().clamp_min(1e-30)).cpu()[idx]
-        else:
-            costs = torch.stack([(wk[:, u * group:(u + 1) * group]
-                                  @ torch.linalg.solve(hinv[u * group:(u + 1) * group, u * group:(u + 1) * group],
-                                                       wk[:, u * group:(u + 1) * group].T)).trace()
-                                 for u in idx.tolist()]).cpu()
-        take = torch.argsort(costs, stable=True)[: min(chunk, len(idx) - 1)]
-        for j in take.tolist():
-            running = max(running, float(costs[j]))
-            score[int(idx[j])] = running
-        gone = idx[take]
-        alive[gone] = False
-        cols = torch.cat([torch.arange(int(u) * group, (int(u) + 1) * group) for u in gone]).to(wk.device)
-        # remove the chunk at once: W -= W_S [H^-1]_SS^-1 [H^-1]_S: ; H^-1 -= [H^-1]_:S [H^-1]_SS^-1 [H^-1]_S:
-        # (rows and columns S of H^-1 and columns S of W become zero, up to rounding)
-        rows = torch.linalg.inv(hinv[cols][:, cols]) @ hinv[cols, :]
-        wk -= wk[:, cols] @ rows
-        hinv -= hinv[:, cols] @ rows
-        hinv[:, cols] = 0                  # rounding leftovers must not pose as cheap units later
-        hinv[cols, cols] = 1.0
-        wk[:, cols] = 0
-    score[alive] = running * 2 + 1.0
-    return score.float()
-
-
-@torch.no_grad()
-def obs_scores(model, layout, ids: torch.Tensor, *, batch_size: int = 8, progress: bool = True) -> list[dict]:
-    """Per layer {'kv', 'mlp'} scores from greedy structured OBS on o_proj / down_proj (criterion ``obs``).
-
-    One pass through the layers on the calibration tokens (the model's own activations),
-    accumulating each consuming projection's input Gram matrix, one layer at a time.
-    """
-    layers = decoder_layers(model)
-    for i, layer in enumerate(layers):
-        _check_llama_layer(layer, i)
-    device = next(model.parameters()).device
-    batches = capture_layer_inputs(model, ids, batch_size)
-    hs, kws = [h for h, _ in batches], [kw for _, kw in batches]
-    group = layout.q_per_kv * layout.head_dim
-    out = []
-    was = model.training
-    model.eval()
-    try:
-        for i, layer in enumerate(tqdm(layers, desc="score (obs)", disable=not progress)):
-            o, dn = layer.self_attn.o_proj, layer.mlp.down_proj
-            g_o = torch.zeros(o.in_features, o.in_features, device=device, dtype=torch.float32)
-            g_d = torch.zeros(dn.in_features, dn.in_features, device=device, dtype=torch.float32)
-            nxt = []
-            for h, kw in zip(hs, kws):
-                x, a = _attention(layer, h, kw)
-                x = x.reshape(-1, x.shape[-1]).float()
-                g_o.addmm_(x.T, x)
-                r = h + a
-                xd, m = _mlp(layer, r)
-                xd = xd.reshape(-1, xd.shape[-1]).float()
-                g_d.addmm_(xd.T, xd)
-                nxt.append(r + m)
-            hs = nxt
-            out.append({"kv": greedy_obs_order(o.weight, g_o, group).cpu(),
-                        "mlp": greedy_obs_order(dn.weight, g_d, 1).cpu()})
-    finally:
-        model.train(was)
-    return out

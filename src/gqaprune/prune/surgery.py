@@ -18,8 +18,8 @@ import logging
 import torch
 from torch import nn
 
+from gqaprune.models.layout import decoder_layers, head_dim, kv_rows, model_layout, q_per_kv, q_rows
 from gqaprune.prune.plan import PrunePlan
-from gqaprune.prune.structure import decoder_layers, kv_rows, model_layout, q_rows
 
 log = logging.getLogger(__name__)
 
@@ -67,13 +67,12 @@ def target_config(config, kv: list[int], mlp: list[int]):
     """The config for a model whose layer i keeps ``kv[i]`` KV heads and ``mlp[i]`` channels."""
     from transformers import LlamaConfig, MistralConfig
 
-    from gqaprune.pruned_llama import GQAPrunedLlamaConfig
+    from gqaprune.models.pruned_llama import GQAPrunedLlamaConfig
 
     src = {k: v for k, v in config.to_dict().items() if k not in _DROP}
-    head_dim = config.head_dim if getattr(config, "head_dim", None) else config.hidden_size // config.num_attention_heads
-    n_kv_src = config.num_key_value_heads or config.num_attention_heads
-    r = config.num_attention_heads // n_kv_src
-    src["head_dim"] = head_dim  # never let transformers derive it from hidden_size // heads
+    r = q_per_kv(config)
+    n_kv_src = config.num_attention_heads // r
+    src["head_dim"] = head_dim(config)  # never let transformers derive it from hidden_size // heads
     biased = bool(src.get("attention_bias")) or bool(src.get("mlp_bias"))
     if len(set(kv)) == 1 and len(set(mlp)) == 1 and not (biased and config.hidden_size % (kv[0] * r)):
         src.update(num_attention_heads=kv[0] * r, num_key_value_heads=kv[0], intermediate_size=mlp[0])
@@ -112,19 +111,24 @@ def rebuild_as(model, config):
         raise RuntimeError(f"rebuild failed: missing {missing[:5]}, unexpected {unexpected[:5]}")
     if tied:
         new.tie_weights()
-    # Non-persistent buffers (rotary inv_freq) are not in the state dict: copy them over.
+    # Non-persistent buffers (rotary inv_freq) are not in the state dict: move them over by name.
     old_buffers = dict(model.named_buffers())
-    for name, buf in list(new.named_buffers()):
+    for name, _ in list(new.named_buffers()):
+        if name in state:   # persistent: assigned by load_state_dict above
+            continue
         mod_name, _, attr = name.rpartition(".")
         mod = new.get_submodule(mod_name) if mod_name else new
-        src = old_buffers.get(name)
-        if src is None:
+        if name not in old_buffers:
             raise RuntimeError(f"rebuild failed: no source for buffer {name}")
-        mod._buffers[attr] = src
-    for attr in ("original_inv_freq",):  # plain attributes some rotary classes keep
-        for (n_old, m_old), (n_new, m_new) in zip(model.named_modules(), new.named_modules()):
-            if hasattr(m_old, attr) and isinstance(getattr(m_old, attr), torch.Tensor):
-                setattr(m_new, attr, getattr(m_old, attr))
+        mod.register_buffer(attr, old_buffers[name], persistent=False)
+    # Rotary classes keep the unscaled frequencies as a plain tensor attribute (``original_inv_freq``,
+    # transformers 4.4x-5.x): pair the modules by name, so a structural difference cannot misalign them.
+    old_modules = dict(model.named_modules())
+    for name, m_new in new.named_modules():
+        m_old = old_modules.get(name)
+        val = getattr(m_old, "original_inv_freq", None) if m_old is not None else None
+        if isinstance(val, torch.Tensor):
+            m_new.original_inv_freq = val
     new.generation_config = model.generation_config
     new.config.use_cache = True
     return new.eval()

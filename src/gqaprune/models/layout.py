@@ -1,4 +1,7 @@
-"""Where the prunable units are: KV groups and MLP channels (DESIGN.md, "The unit of pruning").
+"""Where the prunable units are: KV groups and MLP channels (docs/architecture.md, "The unit of pruning").
+
+This module is the one home of the model's shape: ``head_dim``, the decoder layers, the
+per-layer unit counts and the row/column indices of a unit. Everything else asks here.
 
 In a layer with ``n_q`` query heads, ``n_kv`` KV heads and ``r = n_q / n_kv``, KV group ``g`` is
 rows ``g*d:(g+1)*d`` of k_proj and v_proj, rows ``g*r*d:(g+1)*r*d`` of q_proj and the same
@@ -54,13 +57,36 @@ class ModelLayout:
         return self.total_params - removed
 
 
+def head_dim(config) -> int:
+    """Width of one attention head: the config's explicit ``head_dim``, else hidden / query heads.
+
+    ``config`` is a transformers config or its ``config.json`` dict. Pruning never changes
+    head_dim, and always writes it explicitly, because transformers falls back to
+    ``hidden_size // num_attention_heads``, which is wrong once query heads are removed.
+    """
+    get = config.get if isinstance(config, dict) else (lambda k, d=None: getattr(config, k, d))
+    d = get("head_dim")
+    return int(d) if d else int(get("hidden_size")) // int(get("num_attention_heads"))
+
+
+def q_per_kv(config) -> int:
+    """Query heads per KV head (the ratio pruning keeps); plain multi-head attention gives 1."""
+    get = config.get if isinstance(config, dict) else (lambda k, d=None: getattr(config, k, d))
+    n_q = int(get("num_attention_heads"))
+    return n_q // int(get("num_key_value_heads") or n_q)
+
+
 def decoder_layers(model) -> list[torch.nn.Module]:
-    """The decoder layers of a Llama-like causal LM (``model.model.layers``)."""
+    """The decoder layers of a Llama-like causal LM (``model.model.layers``), also under a PEFT wrapper."""
     base = getattr(model, "model", model)
     base = getattr(base, "base_model", base) if not hasattr(base, "layers") else base
     if hasattr(base, "model") and not hasattr(base, "layers"):
         base = base.model
-    return list(base.layers)
+    layers = getattr(base, "layers", None)
+    if layers is None:
+        raise ValueError(f"{type(model).__name__} has no decoder layers where a Llama-style causal LM has them "
+                         "(model.model.layers)")
+    return list(layers)
 
 
 def count_params(model) -> int:
@@ -70,8 +96,7 @@ def count_params(model) -> int:
 
 def model_layout(model) -> ModelLayout:
     cfg = model.config
-    d = cfg.head_dim if getattr(cfg, "head_dim", None) else cfg.hidden_size // cfg.num_attention_heads
-    r = cfg.num_attention_heads // (cfg.num_key_value_heads or cfg.num_attention_heads)
+    d, r = head_dim(cfg), q_per_kv(cfg)
     shapes = []
     for layer in decoder_layers(model):
         attn, mlp = layer.self_attn, layer.mlp

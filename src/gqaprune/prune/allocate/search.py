@@ -12,14 +12,11 @@ channels (its lowest-scored kept ones) and another (the receiver) gets ``delta``
 back (its highest-scored removed ones); likewise one KV group for one KV group. With
 ``moves="mixed"`` a layer may also trade one KV group for MLP channels: it
 loses a KV group and a layer (itself or another) gets back as many channels as that group
-holds parameters (``group_params / channel_params``, 170.7 for SmolLM2, rounded; the
-rounding is carried so the total stays within half a channel, or half a ``round_mlp_to``
-step, of where it started), or the reverse. Same-kind moves are exact; ``moves="same"``
-(the default) allows only those. Measured on SmolLM2 at 20% (benchmarks/results/
-ablation_smollm2.md): mixed moves traded 4-6 KV groups for channels and lowered the KL on
-the held-back calibration samples further, but WikiText-2 perplexity got worse (131.8 vs
-124.6; 134.6 vs 128.1 on another calibration slice): attention matters more on WikiText than
-Alpaca calibration KL shows, so trading it away is opt-in.
+holds parameters (``group_params / channel_params``, rounded; the rounding is carried so
+the total stays within half a channel, or half a ``round_mlp_to`` step, of where it
+started), or the reverse. Same-kind moves are exact; ``moves="same"`` (the default)
+allows only those: mixed moves lowered the calibration KL but not WikiText-2 perplexity
+in benchmarks/results/ablation_smollm2.md, so they are opt-in.
 The search is a (1+1) evolution strategy with first improvement, as in EvoPress
 (Sieberling et al., 2024), which searches compression levels per layer the same way: a
 random move is evaluated and kept if the KL goes down. ``delta`` starts at 1/16 of a
@@ -47,10 +44,11 @@ import torch
 from tqdm.auto import tqdm
 
 from gqaprune.errors import GQAPruneError
-from gqaprune.prune.compensate import capture_layer_inputs
-from gqaprune.prune.plan import Budget, PrunePlan, finish_plan
-from gqaprune.prune.sensitivity import _head, _kl, _logprobs, _ZeroInputs, zero_units
-from gqaprune.prune.structure import ModelLayout, decoder_layers
+from gqaprune.models.layout import ModelLayout
+from gqaprune.prune.layerwise import Head, ZeroInputs, capture_layer_inputs, check_layers, kl, remove_hooks, \
+    zero_units
+from gqaprune.prune.budget import Target
+from gqaprune.prune.plan import PrunePlan, finish_plan
 
 log = logging.getLogger(__name__)
 
@@ -90,8 +88,8 @@ class _Evaluator:
     @torch.no_grad()
     def __init__(self, model, layout: ModelLayout, ids: torch.Tensor, batch_size: int):
         self.layout = layout
-        self.layers = decoder_layers(model)
-        self.norm, self.head = _head(model)
+        self.layers = check_layers(model, "--allocation search")
+        self.head = Head(model, "--allocation search")
         batches = capture_layer_inputs(model, ids, batch_size)
         self.kws = [kw for _, kw in batches]
         self.tokens = sum(h.shape[0] * (h.shape[1] - 1) for h, _ in batches)
@@ -99,11 +97,11 @@ class _Evaluator:
         hs = h0
         for layer in self.layers:
             hs = [layer(h, **kw) for h, kw in zip(hs, self.kws)]
-        self.ref = [_logprobs(self.norm, self.head, h) for h in hs]
+        self.ref = [self.head.logprobs(h) for h in hs]
         self.h0 = h0
         self.cache: list[list[torch.Tensor]] | None = None   # hidden states entering each layer, current state
 
-    def _hooks(self, state: _State, start: int) -> list[_ZeroInputs]:
+    def _hooks(self, state: _State, start: int) -> list[ZeroInputs]:
         r, d = self.layout.q_per_kv, self.layout.head_dim
         return [hk for i in range(start, len(self.layers))
                 for hk in zero_units(self.layers[i], *state.removed(i), r, d)]
@@ -113,7 +111,7 @@ class _Evaluator:
         """Mean KL per token; with ``keep`` also the hidden states entering layers start..L-1."""
         hooks = self._hooks(state, start)
         kept = [[] for _ in range(start, len(self.layers))] if keep else None
-        kl = 0.0
+        total = 0.0
         try:
             for j, kw in enumerate(self.kws):
                 h = self.h0[j] if start == 0 else self.cache[start][j]
@@ -121,16 +119,15 @@ class _Evaluator:
                     if keep:
                         kept[li - start].append(h)
                     h = self.layers[li](h, **kw)
-                kl += _kl(self.ref[j], _logprobs(self.norm, self.head, h))
+                total += kl(self.ref[j], self.head.logprobs(h))
         finally:
-            for hk in hooks:
-                hk.remove()
-        return kl / self.tokens, kept
+            remove_hooks(hooks)
+        return total / self.tokens, kept
 
     def reset(self, state: _State) -> float:
-        kl, kept = self.run(state, 0, keep=True)
+        start_kl, kept = self.run(state, 0, keep=True)
         self.cache = kept
-        return kl
+        return start_kl
 
     def commit(self, start: int, kept: list) -> None:
         self.cache[start:] = kept
@@ -210,23 +207,22 @@ def _apply(state: _State, move) -> _State:
 
 
 @torch.no_grad()
-def search_allocation(model, layout: ModelLayout, scores: list[dict], plan: PrunePlan, ids: torch.Tensor, *,
-                      evaluations: int = 150, samples: int = 8, batch_size: int = 8,
-                      min_mlp: int = 1, round_mlp_to: int | None = None, seed: int = 0, moves: str = "same",
+def search_allocation(model, layout: ModelLayout, scores: list[dict], plan: PrunePlan, ids: torch.Tensor,
+                      target: Target, *, evaluations: int = 150, samples: int = 8, batch_size: int = 8,
+                      round_mlp_to: int | None = None, seed: int = 0, moves: str = "same",
                       progress: bool = True) -> tuple[PrunePlan, dict]:
     """Refine ``plan``'s per-layer counts (same parameters) to lower calibration KL; returns (plan, report).
 
-    The layers that may change and the budget are the plan's own (its provenance).
+    Only the layers of ``target`` (the budget the plan was made for) change.
     """
     if moves not in MOVES:
         raise GQAPruneError(f"--search-moves {moves}: choose one of {', '.join(MOVES)}")
     t0 = time.perf_counter()
-    prov = plan.provenance
-    pruned = [i for i in range(layout.num_layers) if i not in set(prov["protected_layers"])]
+    pruned = list(target.pruned)
     kv_rm = [s.n_kv - len(k) for s, k in zip(layout.layers, plan.kv_groups)]
     mlp_rm = [s.n_mlp - len(c) for s, c in zip(layout.layers, plan.mlp_channels)]
     state = _State(layout, scores, kv_rm, mlp_rm)
-    target = _removed_params(state)
+    removed_target = _removed_params(state)
     search_ids = ids[:samples]
     check_ids = ids[samples: 2 * samples]
     was = model.training
@@ -236,7 +232,7 @@ def search_allocation(model, layout: ModelLayout, scores: list[dict], plan: Prun
     n_mlp = max(s.n_mlp for s in layout.layers)
     delta = max(step, step * round(n_mlp / 16 / step))
     floor_delta = MIN_DELTA if step == 1 else step
-    floor_mlp = max(min_mlp, 1)
+    floor_mlp = max(target.min_mlp, 1)
     accepted, tried, fails = [], 0, 0
     try:
         ev = _Evaluator(model, layout, search_ids, batch_size)
@@ -246,19 +242,20 @@ def search_allocation(model, layout: ModelLayout, scores: list[dict], plan: Prun
         cur_kl = start_kl
         bar = tqdm(total=evaluations, desc="allocation search", disable=not progress, leave=False)
         while tried < evaluations:
-            move = _moves(state, pruned, delta, floor_mlp, rng, mixed=moves == "mixed", target=target, step=step)
+            move = _moves(state, pruned, delta, floor_mlp, rng, mixed=moves == "mixed", target=removed_target,
+                           step=step)
             if move is None:
                 break
             cand = _apply(state, move)
             lo = min(move[1], move[2])
-            kl, kept = ev.run(cand, lo, keep=True)
+            cand_kl, kept = ev.run(cand, lo, keep=True)
             tried += 1
             bar.update(1)
-            if kl < cur_kl:
-                state, cur_kl = cand, kl
+            if cand_kl < cur_kl:
+                state, cur_kl = cand, cand_kl
                 ev.commit(lo, kept)
                 accepted.append({"eval": tried, "kind": move[0], "donor": move[1], "receiver": move[2],
-                                 "units": move[3], "kl": kl})
+                                 "units": move[3], "kl": cand_kl})
                 fails = 0
             else:
                 fails += 1
@@ -281,9 +278,8 @@ def search_allocation(model, layout: ModelLayout, scores: list[dict], plan: Prun
         log.info("allocation search rejected: check KL %.4f -> %.4f", check_start, check_end)
         return plan, rep
     kv_keep, mlp_keep = state.keep()
-    budget = Budget(prov["budget"]["pruning_ratio"], prov["budget"]["target_params"])
-    new = finish_plan(layout, kv_keep, mlp_keep, budget, prov["params_removed_target"], pruned,
-                      layout_kind=plan.layout, min_mlp=min_mlp, round_mlp_to=round_mlp_to, provenance=prov)
+    new = finish_plan(layout, kv_keep, mlp_keep, target, layout_kind=plan.layout, round_mlp_to=round_mlp_to,
+                      provenance=plan.provenance)
     log.info("allocation search: KL %.4f -> %.4f over %d moves (%d accepted)", start_kl, cur_kl, tried,
              len(accepted))
     return new, rep

@@ -1,0 +1,1 @@
+"""Inference speed and memory of models side by side (``gqaprune bench``)."""

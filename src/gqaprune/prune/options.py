@@ -1,0 +1,188 @@
+"""``gqaprune prune`` options: one dataclass group per --help heading, each checking its own fields.
+
+Every value is checked here, when the options are built, before any model is loaded;
+what needs the model (the budget against its size, a plan against its shape) is checked
+right after loading, before any calibration or perplexity.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from gqaprune.data.instructions import CALIBRATION_FORMATS
+from gqaprune.errors import GQAPruneError
+from gqaprune.options import Args, ModelArgs, opt
+from gqaprune.prune.allocate import ALLOCATIONS, SPLITS
+from gqaprune.prune.allocate.search import MOVES as SEARCH_MOVES
+from gqaprune.prune.budget import Budget
+from gqaprune.prune.compensate import TARGETS as COMPENSATE_TARGETS
+from gqaprune.prune.plan import LAYOUTS
+from gqaprune.prune.score import CRITERIA
+
+def _at_least(obj, minimum, *names: str) -> None:
+    for name in names:
+        v = getattr(obj, name)
+        if v is not None and v < minimum:
+            raise GQAPruneError(f"--{name.replace('_', '-')} {v}: must be at least {minimum}")
+
+
+@dataclass
+class BudgetArgs(Args):
+    GROUP = "budget (one of --pruning-ratio, --target-params or --plan is required)"
+    pruning_ratio: float | None = opt(None, "fraction of the model's TOTAL parameters to remove (tied embeddings "
+                                      "counted once). Not LLM-Pruner's --pruning_ratio, which is the fraction of "
+                                      "heads/channels removed inside each pruned layer and removes far less overall")
+    target_params: int | None = opt(None, "alternative to --pruning-ratio: parameters to keep")
+    plan: str | None = opt(None, "apply this saved plan.json to the model instead of scoring")
+    keep_first: int = opt(0, "leave the first K layers unpruned (LLM-Pruner's default protects 4)")
+    keep_last: int = opt(0, "leave the last K layers unpruned (LLM-Pruner's default protects 2)")
+    min_mlp: int = opt(1, "every layer keeps at least this many MLP channels")
+    round_mlp_to: int | None = opt(None, "keep a multiple of M MLP channels per layer (hardware-friendly widths)")
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        _at_least(self, 0, "keep_first", "keep_last")
+        _at_least(self, 1, "min_mlp", "round_mlp_to")
+        if self.plan is not None:
+            if self.pruning_ratio is not None or self.target_params is not None:
+                raise GQAPruneError("--plan replays a saved plan, whose budget is in it: leave out --pruning-ratio "
+                                    "and --target-params")
+        elif self.pruning_ratio is not None or self.target_params is not None:
+            self.budget()   # the budget checks itself (options used only for scoring may have none)
+
+    def budget(self) -> Budget:
+        if self.pruning_ratio is None and self.target_params is None:
+            raise GQAPruneError("prune: give --pruning-ratio R (fraction of total parameters to remove), "
+                                "--target-params N, or --plan plan.json")
+        return Budget(self.pruning_ratio, self.target_params)
+
+
+@dataclass
+class CriterionArgs(Args):
+    GROUP = "criterion"
+    criterion: str = opt("taylor", "importance criterion (obs: the o_proj/down_proj output error when the unit is "
+                         "removed and the rest refit, greedy structured OBS on calibration activations)",
+                         choices=tuple(CRITERIA))
+    hooks: bool = opt(True, "fold each gradient into the scores as it arrives (--no-hooks: after each backward, "
+                      "more memory, same scores)")
+
+
+@dataclass
+class LayoutArgs(Args):
+    GROUP = "layout and allocation"
+    layout: str = opt("uniform", "uniform: same counts in every pruned layer (stock LlamaConfig); per-layer: counts "
+                      "vary by layer from globally ranked, per-layer-normalised scores", choices=LAYOUTS)
+    allocation: str = opt("scores", "per-layer layout: scores = per-layer-normalised scores; sensitivity = also "
+                          "weight each layer by its measured calibration-loss rise when pruned alone; search = "
+                          "start from sensitivity, then move channels/KV groups between layers while the "
+                          "calibration KL from the unpruned model goes down", choices=ALLOCATIONS)
+    split: str = opt("balanced", "attention vs MLP: balanced = both lose the same fraction of their units; search = "
+                     "try each share of KV groups removed (MLP takes the rest) and keep the plan whose output moves "
+                     "least on calibration samples (KL)", choices=SPLITS)
+    sensitivity_samples: int = opt(8, "calibration samples used to measure layer sensitivity and to compare "
+                                   "splits (--allocation sensitivity, --split search)")
+    search_evaluations: int = opt(150, "--allocation search: moves to try (each reruns about half the model on "
+                                  "--search-samples samples)")
+    search_moves: str = opt("same", "--allocation search: same = channels for channels, KV groups for KV groups; "
+                            "mixed = layers may also trade a KV group for the same parameters in MLP channels "
+                            "(and back)", choices=SEARCH_MOVES)
+    search_samples: int = opt(8, "--allocation search: calibration samples the KL is measured on (the next as "
+                              "many, when there are, check that the result generalises)")
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        _at_least(self, 1, "sensitivity_samples", "search_evaluations", "search_samples")
+
+
+@dataclass
+class QualityArgs(Args):
+    GROUP = "quality steps"
+    compensate: bool = opt(False, "refit the o_proj/down_proj columns of kept units by least squares so each "
+                           "pruned layer's output matches the unpruned layer's on the calibration tokens")
+    compensate_target: str = opt("layer", "what the refit matches: layer = the unpruned sublayer on the pruned "
+                                 "model's inputs; dense = the dense model's own residual stream",
+                                 choices=COMPENSATE_TARGETS)
+    compensate_ridge: float | None = opt(None, "ridge of the refit (pulls towards the current weights), relative to "
+                                         "the mean diagonal of X^T X (default: chosen per layer on the held-out "
+                                         "calibration tokens)")
+    compensate_holdout: float = opt(0.125, "fraction of calibration samples kept out of the refit to check it; a "
+                                    "refit that raises their error is rejected")
+    steps: int = opt(1, "iterative pruning: remove the budget in K equal steps, re-scoring (and compensating) "
+                     "between steps")
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        _at_least(self, 1, "steps")
+        _at_least(self, 0, "compensate_ridge")
+        if not 0 <= self.compensate_holdout < 1:
+            raise GQAPruneError(f"--compensate-holdout {self.compensate_holdout}: must be in [0, 1), the fraction "
+                                "of calibration samples kept out of the refit to check it")
+
+
+@dataclass
+class CalibrationArgs(Args):
+    GROUP = "calibration"
+    calibration: str = opt("alpaca", "calibration data: alpaca (yahma/alpaca-cleaned), wikitext2 (train), c4, or a "
+                           "local .txt/.json/.jsonl(.gz) file")
+    calibration_format: str = opt("prompt", "instruction data (alpaca) as calibration text: prompt = the Alpaca "
+                                  "template + response, as fine-tuning sees it; text = instruction, input and "
+                                  "output as plain text", choices=CALIBRATION_FORMATS)
+    num_samples: int = opt(64, "calibration samples")
+    seq_len: int = opt(128, "tokens per calibration sample")
+    calib_batch_size: int = opt(8, "samples per calibration forward/backward; gradient scores are summed per batch")
+    seed: int = opt(0, "seed for the calibration sample and the random criterion")
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        _at_least(self, 1, "num_samples", "calib_batch_size")
+        _at_least(self, 2, "seq_len")
+
+
+@dataclass
+class PPLArgs(Args):
+    GROUP = "perplexity before and after"
+    eval_ppl: list[str] = opt(factory=list, help="datasets to measure perplexity on before and after, e.g. wikitext2")
+    ppl_seq_len: int = opt(128, "perplexity window length (tokens)")
+    ppl_max_tokens: int | None = opt(None, "score only the first N tokens of each PPL dataset (a quicker first try)")
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        _at_least(self, 2, "ppl_seq_len")
+        _at_least(self, 1, "ppl_max_tokens")
+
+
+@dataclass
+class PruneOutputArgs(Args):
+    GROUP = "output"
+    output: str | None = opt(None, "output checkpoint folder (Hugging Face layout)", aliases=("-o",))
+    overwrite: bool = opt(False, "replace the output folder if gqaprune wrote it")
+    dry_run: bool = opt(False, "prune in memory and print the summary, but save nothing (no --output needed)")
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.output is not None and self.dry_run:
+            raise GQAPruneError("prune: --dry-run saves nothing; leave out --output (or --dry-run)")
+
+
+@dataclass
+class PruneOptions(BudgetArgs, CriterionArgs, LayoutArgs, QualityArgs, CalibrationArgs, PPLArgs, PruneOutputArgs,
+                   ModelArgs):
+    model: str = opt("smollm2-135m", "model to prune: HF folder, Hub id, .gguf file, alias smollm2-135m, or legacy "
+                     "pytorch_model.bin (with --allow-pickle)")
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.allocation != "scores" and self.layout != "per-layer" and self.plan is None:
+            raise GQAPruneError(f"--allocation {self.allocation} sets per-layer budgets: use it with --layout "
+                                "per-layer")
+        if self.plan is not None and (self.steps > 1 or self.allocation != "scores" or self.split != "balanced"):
+            raise GQAPruneError("--plan replays a saved plan: --steps, --allocation and --split only apply when "
+                                "scoring")
+
+    def needs_calibration(self) -> bool:
+        from gqaprune.prune.score import criterion
+
+        if self.plan is not None:
+            return self.compensate
+        return criterion(self.criterion).needs_calibration or self.compensate or self.allocation != "scores" \
+            or self.split == "search"
