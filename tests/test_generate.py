@@ -177,7 +177,7 @@ def test_adapter_for_another_base_is_a_clear_error(tiny_dir, tmp_path, monkeypat
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     from peft import LoraConfig, get_peft_model
 
-    from conftest import make_tiny_model
+    from helpers import make_tiny_model
 
     other = make_tiny_model(hidden_size=32, num_attention_heads=4, head_dim=8)  # different shapes
     adapter = tmp_path / "other_lora"

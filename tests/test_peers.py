@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import make_tiny_model, make_tokenizer
+from helpers import make_tiny_model, make_tokenizer
 
 pytest.importorskip("torch_pruning")
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))

@@ -8,7 +8,7 @@ import warnings
 
 import pytest
 
-from conftest import make_tiny_model
+from helpers import make_tiny_model
 
 
 def test_offline_sets_and_restores_the_imported_constants(monkeypatch):

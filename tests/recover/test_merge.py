@@ -9,11 +9,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from ft_helpers import save_dense, save_per_layer
+from helpers import save_dense, save_per_layer
 from gqaprune.errors import GQAPruneError
 from gqaprune.recover.merge import merge_and_save_lora
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "down_proj", "up_proj"]
 
 
@@ -146,7 +146,7 @@ def test_script_flags_and_exit_codes(tmp_path, capsys):
 
 def test_merge_a_finetune_output(tmp_path, monkeypatch):
     """finetune -> merge: the fingerprint finetune records accepts its own base, and the merge matches."""
-    from ft_helpers import write_records
+    from helpers import write_records
     from gqaprune.recover.finetune import FinetuneOptions, finetune
 
     monkeypatch.setenv("GQAPRUNE_CACHE_DIR", str(tmp_path / "cache"))

@@ -8,7 +8,7 @@ import json
 import pytest
 import torch
 
-from conftest import make_tiny_model
+from helpers import make_tiny_model
 from gqaprune.errors import GQAPruneError
 from gqaprune.prune.allocate.search import _Evaluator, _State, search_allocation
 from gqaprune.prune.score import score_units

@@ -8,7 +8,7 @@ import json
 import pytest
 import torch
 
-from conftest import make_tiny_model
+from helpers import make_tiny_model
 from gqaprune.prune.score import score_units
 from gqaprune.prune.compensate import LstsqStats, compensate
 from gqaprune.prune.layerwise import capture_layer_inputs

@@ -7,7 +7,7 @@ import json
 import numpy as np
 import torch
 
-from conftest import make_tiny_model, make_tokenizer
+from helpers import make_tiny_model, make_tokenizer
 from gqaprune.models.io import load_model, save_checkpoint
 
 

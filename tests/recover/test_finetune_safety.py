@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from ft_helpers import save_dense, write_records
+from helpers import save_dense, write_records
 from gqaprune.errors import GQAPruneError
 from gqaprune.outputs import MANIFEST, foreign_entries, read_manifest
 from gqaprune.recover.finetune import FinetuneOptions, finetune
@@ -100,7 +100,7 @@ def test_output_dir_overlapping_the_pruned_model_is_refused(tmp_path, data, wher
 
     The model folder is one gqaprune wrote (save_checkpoint's manifest), so only the overlap check stops
     --overwrite from replacing it."""
-    from ft_helpers import save_per_layer
+    from helpers import save_per_layer
 
     parent = tmp_path / "models"
     model = save_per_layer(parent / "pruned")

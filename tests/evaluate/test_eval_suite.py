@@ -10,7 +10,7 @@ import torch
 
 from gqaprune.cli import main
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 
 
 def _script(name):

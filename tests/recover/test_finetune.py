@@ -12,15 +12,15 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import make_tokenizer
-from ft_helpers import read_metrics, save_dense, save_per_layer, train_losses, write_records, write_text
+from helpers import make_tokenizer
+from helpers import read_metrics, save_dense, save_per_layer, train_losses, write_records, write_text
 from gqaprune.errors import GQAPruneError
 from gqaprune.data.tokenized import prepare_data, prompt_template_tokens, tokenize_records
 from gqaprune.outputs import MANIFEST
 from gqaprune.recover.finetune import FinetuneOptions, TrainingDivergedError, finetune
 from gqaprune.recover.options import grad_accumulation
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 
 
 @pytest.fixture(autouse=True)
@@ -393,7 +393,7 @@ def test_output_dir_with_other_run_is_refused(tmp_path, per_layer_dir, records_p
 
 
 def test_legacy_pickle_needs_allow_pickle(tmp_path, records_path):
-    from conftest import make_tiny_model
+    from helpers import make_tiny_model
 
     pkl = tmp_path / "prune_log" / "pytorch_model.bin"
     pkl.parent.mkdir()

@@ -6,8 +6,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from conftest import make_tiny_model, make_tokenizer
-from ft_helpers import read_metrics, save_dense, write_records
+from helpers import make_tiny_model, make_tokenizer
+from helpers import read_metrics, save_dense, write_records
 from gqaprune.errors import GQAPruneError
 from gqaprune.data.collate import PadCollator, pack_examples
 from gqaprune.recover.distill import distillation_kl

@@ -17,9 +17,9 @@ from pathlib import Path
 
 import pytest
 
-from ft_helpers import save_per_layer, write_records, write_text
+from helpers import save_per_layer, write_records, write_text
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 
 
 def _free_port() -> int:

@@ -7,7 +7,7 @@ import json
 import pytest
 import torch
 
-from conftest import make_tiny_model, tiny_config
+from helpers import make_tiny_model, tiny_config
 from gqaprune.bench.command import BenchOptions, bench, bench_models, model_shape, run_once, to_markdown
 from gqaprune.errors import GQAPruneError
 

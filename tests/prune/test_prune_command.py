@@ -8,7 +8,7 @@ import math
 import pytest
 import torch
 
-from conftest import make_tiny_model, make_tokenizer
+from helpers import make_tiny_model, make_tokenizer
 from gqaprune.cli import main
 
 

@@ -11,7 +11,7 @@ import textwrap
 import pytest
 import torch
 
-from conftest import make_tiny_model
+from helpers import make_tiny_model
 from gqaprune.models.io import load_model, save_checkpoint
 from gqaprune.prune.score import score_units
 from gqaprune.prune.budget import Budget

@@ -1,6 +1,6 @@
 """GPU check of finetune + merge (run by hand on a CUDA machine; not collected by pytest).
 
-    PYTHONPATH=src:tests python tests/ft_gpu_check.py OUT_DIR
+    PYTHONPATH=src:tests python tests/recover/ft_gpu_check.py OUT_DIR
 
 Builds a per-layer model the width of SmolLM2-135M (hidden 576, 9 query / 3 KV heads,
 head_dim 64; 6 layers with KV groups 1..3 and MLP 512..1536), fine-tunes it with the
@@ -18,8 +18,8 @@ from pathlib import Path
 
 import torch
 
-from conftest import make_tokenizer, tiny_config
-from ft_helpers import write_records, write_text
+from helpers import make_tokenizer, tiny_config
+from helpers import write_records, write_text
 
 
 def main(out: Path) -> dict:

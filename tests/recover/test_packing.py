@@ -8,8 +8,8 @@ import json
 import pytest
 import torch
 
-from conftest import make_tiny_model
-from ft_helpers import make_per_layer_model, read_metrics, save_per_layer, train_losses, write_records
+from helpers import make_tiny_model
+from helpers import make_per_layer_model, read_metrics, save_per_layer, train_losses, write_records
 from gqaprune.data.collate import PadCollator, pack_examples
 from gqaprune.outputs import MANIFEST
 from gqaprune.recover.finetune import FinetuneOptions, finetune
@@ -171,7 +171,7 @@ def test_fused_kernels_detection(monkeypatch):
 
 def test_val_loss_does_not_depend_on_training_batching(tmp_path):
     """The step-0 val loss (same model, same val examples) is identical with and without grouping/packing."""
-    from ft_helpers import read_metrics as rm
+    from helpers import read_metrics as rm
 
     base = save_per_layer(tmp_path / "pl")
     data = write_records(tmp_path / "data.jsonl", n=64)

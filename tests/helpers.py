@@ -1,0 +1,136 @@
+"""Test helpers shared by every test module (tests mirror src/: tests/prune/, tests/recover/, ...).
+
+Tiny model (docs/architecture.md): 2 layers, hidden 64, 8 query heads, 2 KV heads (Q:KV 4),
+head_dim 8, MLP 128; a byte-level BPE tokenizer of 320 tokens; a per-layer checkpoint; tiny
+instruction data and text.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+from pathlib import Path
+
+import torch
+
+_CORPUS = (
+    "The quick brown fox jumps over the lazy dog. "
+    "Below is an instruction that describes a task. Write a response that appropriately completes the request. "
+    "### Instruction: ### Input: ### Response: "
+    "Grouped query attention shares one key and value head among several query heads. "
+    "Pruning removes whole groups so that every layer keeps its ratio. 0123456789 "
+)
+
+
+def make_tokenizer():
+    """A byte-level BPE tokenizer (vocab ~300) trained in milliseconds on a fixed text."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE(unk_token=None))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=320,
+        special_tokens=["<pad>", "<s>", "</s>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tok.train_from_iterator([_CORPUS] * 4, trainer=trainer)
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", pad_token="<pad>")
+    return fast
+
+
+def tiny_config(**overrides):
+    from transformers import LlamaConfig
+
+    kw = dict(
+        vocab_size=320,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=8,
+        num_key_value_heads=2,
+        head_dim=8,
+        max_position_embeddings=512,
+        tie_word_embeddings=False,
+        bos_token_id=1,
+        eos_token_id=2,
+        pad_token_id=0,
+    )
+    kw.update(overrides)
+    return LlamaConfig(**kw)
+
+
+def make_tiny_model(seed: int = 0, **overrides):
+    from transformers import LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    model = LlamaForCausalLM(tiny_config(**overrides)).eval()
+    # Random init leaves all biases/norms at defaults; perturb norms so that
+    # tests notice a wrongly sliced or dropped norm weight.
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "norm" in name:
+                p.add_(0.1 * torch.randn_like(p))
+    return model
+
+
+
+WORDS = ("the quick brown fox jumps over the lazy dog grouped query attention shares one key and value "
+         "head among several query heads pruning removes whole groups").split()
+
+
+def make_per_layer_model(seed: int = 0, kv=(1, 2), inter=(48, 128)):
+    """GQAPrunedLlamaForCausalLM from tiny_config: layer 0 keeps 1 KV group and 48 MLP channels."""
+    from gqaprune.models.pruned_llama import GQAPrunedLlamaConfig, GQAPrunedLlamaForCausalLM
+
+    cfg = GQAPrunedLlamaConfig(**tiny_config().to_dict())
+    cfg.kv_heads_per_layer = list(kv)
+    cfg.intermediate_size_per_layer = list(inter)
+    torch.manual_seed(seed)
+    model = GQAPrunedLlamaForCausalLM(cfg).eval()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "norm" in name:
+                p.add_(0.1 * torch.randn_like(p))
+    return model
+
+
+def save_per_layer(path: Path, seed: int = 0, **kw) -> Path:
+    from gqaprune.models.io import save_checkpoint
+
+    return save_checkpoint(make_per_layer_model(seed, **kw), make_tokenizer(), path)
+
+
+def save_dense(path: Path, seed: int = 0) -> Path:
+    model, tok = make_tiny_model(seed), make_tokenizer()
+    model.save_pretrained(path)
+    tok.save_pretrained(path)
+    return path
+
+
+def write_records(path: Path, n: int = 48, seed: int = 0) -> Path:
+    """Alpaca-format jsonl; every other record has an input."""
+    rng = random.Random(seed)
+    with open(path, "w") as fh:
+        for i in range(n):
+            rec = {"instruction": " ".join(rng.choices(WORDS, k=4)),
+                   "input": " ".join(rng.choices(WORDS, k=3)) if i % 2 else "",
+                   "output": " ".join(rng.choices(WORDS, k=8))}
+            fh.write(json.dumps(rec) + "\n")
+    return path
+
+
+def write_text(path: Path, n_words: int = 1500, seed: int = 1) -> Path:
+    rng = random.Random(seed)
+    path.write_text(" ".join(rng.choices(WORDS, k=n_words)))
+    return path
+
+
+def read_metrics(out: Path) -> list[dict]:
+    return [json.loads(ln) for ln in (out / "metrics.jsonl").read_text().splitlines() if ln.strip()]
+
+
+def train_losses(out: Path) -> dict[int, float]:
+    return {r["step"]: r["train/loss"] for r in read_metrics(out) if "train/loss" in r}
