@@ -134,3 +134,14 @@ def read_metrics(out: Path) -> list[dict]:
 
 def train_losses(out: Path) -> dict[int, float]:
     return {r["step"]: r["train/loss"] for r in read_metrics(out) if "train/loss" in r}
+
+
+def finetune_options(tmp_path: Path, base, data, **kw):
+    """FinetuneOptions for a two-step run of a tiny model on tiny data (kw override the defaults)."""
+    from gqaprune.recover.options import FinetuneOptions
+
+    d = dict(prune_model=str(base), data_path=str(data), output_dir=str(tmp_path / "out"), batch_size=4,
+             micro_batch_size=2, val_set_size=8, max_steps=2, eval_steps=2, save_steps=2, logging_steps=1,
+             cutoff_len=192, learning_rate=1e-3, warmup_steps=0, cache_dir=str(tmp_path / "cache"), seed=0)
+    d.update(kw)
+    return FinetuneOptions(**d)

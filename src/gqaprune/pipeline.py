@@ -32,9 +32,13 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from gqaprune.data.instructions import CALIBRATION_FORMATS
 from gqaprune.errors import GQAPruneError
 from gqaprune.options import DeviceArgs, opt
 from gqaprune.outputs import RunFolder, atomic_write
+from gqaprune.prune.allocate import ALLOCATIONS, SPLITS
+from gqaprune.prune.plan import LAYOUTS
+from gqaprune.prune.score import CRITERIA
 from gqaprune.recover.options import LoraArgs
 
 log = logging.getLogger(__name__)
@@ -69,17 +73,18 @@ class RunOptions(LoraArgs, DeviceArgs):
     profile: str = opt("full", "full: the guide's settings; quick: few steps and eval tokens (CPU demo); explicit "
                        "flags win over the profile", choices=PROFILES)
     pruning_ratio: float = opt(0.2, "fraction of total parameters to remove")
-    criterion: str = opt("taylor", "importance criterion")
-    layout: str = opt("uniform", "uniform or per-layer")
+    criterion: str = opt("taylor", "importance criterion (see gqaprune prune)", choices=tuple(CRITERIA))
+    layout: str = opt("uniform", "uniform or per-layer (see gqaprune prune)", choices=LAYOUTS)
     round_mlp_to: int | None = opt(None, "keep a multiple of M MLP channels per layer (hardware-friendly widths)")
     num_samples: int | None = opt(None, "calibration samples for pruning (full: 64; quick: 16)")
     compensate: bool = opt(False, "prune: refit o_proj/down_proj of the kept units by least squares (gqaprune prune "
                            "--compensate)")
     steps: int = opt(1, "prune: remove the budget in K steps, re-scoring between them")
-    allocation: str = opt("scores", "prune, per-layer layout: scores, sensitivity or search (see gqaprune prune)")
-    split: str = opt("balanced", "prune: attention vs MLP share, balanced or search (see gqaprune prune)")
+    allocation: str = opt("scores", "prune, per-layer layout: how layers share the budget (see gqaprune prune)",
+                          choices=ALLOCATIONS)
+    split: str = opt("balanced", "prune: attention vs MLP share (see gqaprune prune)", choices=SPLITS)
     calibration_format: str = opt("prompt", "prune: instruction data as calibration text, prompt (Alpaca template) "
-                                  "or text (plain)")
+                                  "or text (plain)", choices=CALIBRATION_FORMATS)
     num_epochs: float = opt(2.0, "fine-tuning epochs (guide: 2)")
     learning_rate: float = opt(5e-5, "learning rate (guide: 5e-5)")
     batch_size: int | None = opt(None, "global batch (full: 128, the guide's; quick: 8)")

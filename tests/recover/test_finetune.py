@@ -12,7 +12,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from helpers import make_tokenizer
+from helpers import finetune_options, make_tokenizer
 from helpers import read_metrics, save_dense, save_per_layer, train_losses, write_records, write_text
 from gqaprune.errors import GQAPruneError
 from gqaprune.data.tokenized import prepare_data, prompt_template_tokens, tokenize_records
@@ -44,11 +44,7 @@ def records_path(tmp_path):
 
 
 def _opts(tmp_path, base, data, **kw):
-    d = dict(prune_model=str(base), data_path=str(data), output_dir=str(tmp_path / "out"), batch_size=4,
-             micro_batch_size=2, val_set_size=8, max_steps=2, eval_steps=2, save_steps=2, logging_steps=1,
-             cutoff_len=192, learning_rate=1e-3, warmup_steps=0, cache_dir=str(tmp_path / "cache"), seed=0)
-    d.update(kw)
-    return FinetuneOptions(**d)
+    return finetune_options(tmp_path, base, data, **kw)
 
 
 # ------------------------------------------------------------------------------ tokenisation

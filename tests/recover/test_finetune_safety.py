@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from helpers import save_dense, write_records
+from helpers import finetune_options, save_dense, write_records
 from gqaprune.errors import GQAPruneError
 from gqaprune.outputs import MANIFEST, foreign_entries, read_manifest
 from gqaprune.recover.finetune import FinetuneOptions, finetune
@@ -51,11 +51,7 @@ def data(tmp_path):
 
 
 def _opts(tmp_path, base, data, **kw):
-    d = dict(prune_model=str(base), data_path=str(data), output_dir=str(tmp_path / "out"), batch_size=2,
-             micro_batch_size=2, val_set_size=0, max_steps=2, eval_steps=0, save_steps=2, logging_steps=1,
-             cutoff_len=192, learning_rate=1e-3, warmup_steps=0, cache_dir=str(tmp_path / "cache"), seed=0)
-    d.update(kw)
-    return FinetuneOptions(**d)
+    return finetune_options(tmp_path, base, data, **{"batch_size": 2, "val_set_size": 0, "eval_steps": 0, **kw})
 
 
 def _snapshot(folder: Path) -> dict[str, str]:

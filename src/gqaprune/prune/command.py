@@ -22,6 +22,7 @@ from gqaprune.memory import peak_gpu_mb, peak_rss_mb, reset_gpu_peak
 from gqaprune.models.io import load_model, local_path, resolve_model_ref, save_checkpoint
 from gqaprune.models.layout import count_params, model_layout
 from gqaprune.outputs import check_output
+from gqaprune.prune.budget import Target
 from gqaprune.prune.options import PruneOptions
 from gqaprune.prune.plan import PrunePlan
 from gqaprune.prune.steps import compensate_plan, notes_for, prune_model
@@ -85,13 +86,14 @@ def check_inputs(opts: PruneOptions) -> PrunePlan | None:
     return plan
 
 
-def check_against_model(model, opts: PruneOptions, plan: PrunePlan | None) -> None:
-    """The budget (or the plan) against the loaded model's shape, before any calibration or perplexity."""
+def check_against_model(model, opts: PruneOptions, plan: PrunePlan | None) -> Target | None:
+    """The budget resolved for the loaded model (or the plan checked against it), before any calibration or
+    perplexity."""
     layout = model_layout(model)
-    if plan is None:
-        opts.budget().resolve(layout, opts.keep_first, opts.keep_last, opts.min_mlp)
-    else:
+    if plan is not None:
         plan.check_claims(layout, f"--model {opts.model}")
+        return None
+    return opts.budget().resolve(layout, opts.keep_first, opts.keep_last, opts.min_mlp)
 
 
 def measure_ppl(model, tok, opts: PruneOptions) -> list[dict]:
@@ -109,13 +111,14 @@ def calibrate(opts: PruneOptions, tok):
                              fmt=opts.calibration_format)
 
 
-def cut(model, opts: PruneOptions, plan: PrunePlan | None, ids, calib_desc: str | None, progress: bool = True):
+def cut(model, opts: PruneOptions, plan: PrunePlan | None, target: Target | None, ids, calib_desc: str | None,
+        progress: bool = True):
     """(pruned model, plan): score and plan (steps.py), or replay ``plan`` (refit first with --compensate)."""
     if plan is None:
         prov = {"source_model": opts.model, "criterion": opts.criterion, "calibration": calib_desc,
                 "calibration_tokens": None if ids is None else int(ids.numel()), "seed": opts.seed,
                 "gqaprune_version": __version__}
-        return prune_model(model, opts, ids, provenance=prov, progress=progress)
+        return prune_model(model, opts, ids, provenance=prov, target=target, progress=progress)
     plan.provenance.setdefault("applied_from", opts.plan)
     if opts.compensate:
         plan.provenance["compensation"] = [compensate_plan(model, plan, ids, opts, progress) | {"step": 1}]
@@ -141,11 +144,11 @@ def prune(opts: PruneOptions) -> PruneResult:
     plan = check_inputs(opts)
     reset_gpu_peak()
     model, tok = load_model(opts.model, dtype=opts.dtype, device=opts.device, allow_pickle=opts.allow_pickle)
-    check_against_model(model, opts, plan)
+    target = check_against_model(model, opts, plan)
     ppl_before = measure_ppl(model, tok, opts)
     ids, calib_desc = calibrate(opts, tok)
     params_before = count_params(model)
-    pruned, plan = cut(model, opts, plan, ids, calib_desc)
+    pruned, plan = cut(model, opts, plan, target, ids, calib_desc)
     del model
     params_after = count_params(pruned)
     if params_after != plan.provenance.get("params_after", params_after):

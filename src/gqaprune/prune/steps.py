@@ -98,15 +98,16 @@ def _plan_step(cur, lay, sc, target: Target, opts, ids, weights, prov, k: int, r
 
 
 def prune_model(model, opts, ids: torch.Tensor | None, *, scores: list[dict] | None = None,
-                sensitivity: dict | None = None, provenance: dict | None = None, progress: bool = True):
+                sensitivity: dict | None = None, provenance: dict | None = None, target: Target | None = None,
+                progress: bool = True):
     """Score, plan and cut ``model`` (in place; returns (pruned model, plan)); see the module doc.
 
     ``opts``: PruneOptions. ``scores`` / ``sensitivity``: precomputed for ``model`` (to reuse
-    across runs); computed when None.
+    across runs); computed when None. ``target``: the budget already resolved for ``model``.
     """
     layout0 = model_layout(model)
-    budget = opts.budget()
-    target = budget.resolve(layout0, opts.keep_first, opts.keep_last, opts.min_mlp)
+    if target is None:
+        target = opts.budget().resolve(layout0, opts.keep_first, opts.keep_last, opts.min_mlp)
     if ids is None and opts.needs_calibration():
         raise GQAPruneError("internal: calibration ids are needed for these options")
     prov = dict(provenance or {})

@@ -205,9 +205,7 @@ def plan_run_dir(opts, resume: str | None) -> RunPlan:
             f"{FLAG} {out}: the folder is not empty and holds no gqaprune run; choose an empty or new folder "
             f"(--overwrite replaces only a folder gqaprune wrote)."
         )
-    if record["kind"] != KIND:
-        raise GQAPruneError(f"{FLAG} {out}: holds a gqaprune {record['kind']} output, not a fine-tuning run; choose "
-                            "another --output_dir, or pass --overwrite to replace it.")
+    _check_kind(out, record, "; choose another --output_dir, or pass --overwrite to replace it")
     diffs = manifest_diff(record["options"], manifest_options(opts), _defaults(opts))
     started = any(out.glob("checkpoint-*")) or (out / SUMMARY).exists()
     if not diffs and not started and not strangers:
@@ -219,15 +217,18 @@ def plan_run_dir(opts, resume: str | None) -> RunPlan:
     )
 
 
+def _check_kind(out: Path, record: dict, advice: str) -> None:
+    if record["kind"] != KIND:
+        raise GQAPruneError(f"{FLAG} {out}: holds a gqaprune {record['kind']} output, not a fine-tuning run{advice}.")
+
+
 def _check_resumable(out: Path, opts, record: dict | None, strangers: list[str]) -> None:
     if record is None:
         raise GQAPruneError(
             f"{FLAG} {out}: holds files but no {MANIFEST}, so it is not a gqaprune fine-tuning run that can be "
             f"resumed here ({_names(strangers)}); pass another {FLAG}."
         )
-    if record["kind"] != KIND:
-        raise GQAPruneError(f"{FLAG} {out}: holds a gqaprune {record['kind']} output, not a fine-tuning run that "
-                            f"can be resumed; pass another {FLAG}.")
+    _check_kind(out, record, f" that can be resumed; pass another {FLAG}")
     if strangers:
         _refuse_foreign(out, record, strangers, "resume")
     diffs = manifest_diff(record["options"], manifest_options(opts), _defaults(opts))
