@@ -1,4 +1,6 @@
-"""Helpers shared by the benchmark scripts (run from this folder's scripts, which put it on sys.path)."""
+"""Helpers shared by the benchmark scripts (run from this folder's scripts, which put it on sys.path):
+a timestamped log line, the machine facts every results file states, the Markdown writer, and a
+measured subprocess run."""
 
 from __future__ import annotations
 
@@ -10,6 +12,42 @@ import subprocess
 import tempfile
 import time
 from pathlib import Path
+
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def log(msg: str) -> None:
+    print(f"[{time.strftime('%H:%M:%S')}] {msg}", flush=True)
+
+
+def git_rev() -> str | None:
+    try:
+        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True, text=True,
+                              check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return None
+
+
+def machine_info(**extra) -> dict:
+    """What every results file states about the machine: CPU, cores, threads, RAM, versions, load at start."""
+    import psutil
+    import torch
+    import transformers
+
+    return {"cpu": cpu_name(), "cores_visible": os.cpu_count(), "torch_threads": torch.get_num_threads(),
+            "ram_gib": round(psutil.virtual_memory().total / 2**30, 1), "python": platform.python_version(),
+            "torch": torch.__version__, "transformers": transformers.__version__, "platform": platform.platform(),
+            "git": git_rev(), "loadavg_start": [round(x, 2) for x in os.getloadavg()], **extra}
+
+
+def write_markdown(path: Path, lines: list[str], notes: list[str] | None = None) -> Path:
+    """Write a results table (and its notes section) to ``path``."""
+    if notes:
+        lines = lines + ["", "## Notes", ""] + notes
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("\n".join(lines) + "\n")
+    return path
 
 
 def cpu_name() -> str:

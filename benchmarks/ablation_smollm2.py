@@ -55,18 +55,14 @@ import datetime as _dt
 import gc
 import json
 import os
-import platform
-import subprocess
 import sys
 import time
 from pathlib import Path
 
+from _common import log  # noqa: E402  (benchmarks/ is on sys.path when run as a script)
+
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
-
-
-def log(msg: str) -> None:
-    print(f"[{time.strftime('%H:%M:%S')}] {msg}", flush=True)
 
 
 def parse_args(argv=None):
@@ -96,20 +92,9 @@ def parse_args(argv=None):
 
 
 def machine_info() -> dict:
-    import torch
-    import transformers
-    from _common import cpu_name
+    from _common import machine_info as common
 
-    cpu = cpu_name()
-    try:
-        rev = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True, text=True,
-                             check=True).stdout.strip()
-    except Exception:  # noqa: BLE001
-        rev = None
-    return {"cpu": cpu, "cores_visible": os.cpu_count(), "torch_threads": torch.get_num_threads(),
-            "python": platform.python_version(), "torch": torch.__version__, "transformers": transformers.__version__,
-            "git": rev, "loadavg_start": [round(x, 2) for x in os.getloadavg()]}
-
+    return common()
 
 def key_of(c: dict) -> str:
     return "|".join(f"{k}={c[k]}" for k in sorted(c))

@@ -30,13 +30,11 @@ import sys
 import time
 from pathlib import Path
 
+from _common import log, write_markdown  # noqa: E402  (benchmarks/ is on sys.path when run as a script)
+
 HERE = Path(__file__).resolve().parent
 
 STAGES = ("lora", "lora_eval", "distill", "distill_eval", "pruned", "dense")
-
-
-def log(msg: str) -> None:
-    print(f"[{time.strftime('%H:%M:%S')}] {msg}", flush=True)
 
 
 def parse_args(argv=None):
@@ -208,10 +206,7 @@ def write_md(path: Path, a, header: dict, res: dict, done: bool) -> None:
                      f"{tr['train_seconds']:.0f} s, final train loss {tr['final_train_loss']}"
                      + (f", last logged KL {tr['distill']['last_kl']:.4f} / LM loss {tr['distill']['last_ce']:.4f} "
                         "per token" if tr.get("distill") and tr["distill"].get("last_kl") is not None else ""))
-    if done and header.get("notes"):
-        L += ["", "## Notes", ""] + header["notes"]
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text("\n".join(L) + "\n")
+    write_markdown(path, L, header.get("notes") if done else None)
 
 
 def main(argv=None) -> int:

@@ -40,6 +40,8 @@ import sys
 import time
 from pathlib import Path
 
+from _common import log, write_markdown  # noqa: E402  (benchmarks/ is on sys.path when run as a script)
+
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
 
@@ -49,10 +51,6 @@ VARIANTS = {
     "packing": dict(group_by_length=False, packing=True),
     "group_by_length+packing": dict(group_by_length=True, packing=True),
 }
-
-
-def log(msg: str) -> None:
-    print(f"[{time.strftime('%H:%M:%S')}] {msg}", flush=True)
 
 
 def parse_args(argv=None):
@@ -279,10 +277,7 @@ def write_md(path: Path, a, rows: list[dict], header: dict, done: bool) -> None:
               f"| length-grouped (Trainer sampler, mega-batches of 50 batches) | {100 * pg:.1f}% | {1 - pg:.3f} "
               f"| {(1 - pg) / (1 - pr):.2f}x |",
               f"| packed | 0.0% | 1.000 | {1 / (1 - pr):.2f}x |"]
-    if done and header.get("notes"):
-        L += ["", "## Notes", ""] + header["notes"]
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text("\n".join(L) + "\n")
+    write_markdown(path, L, header.get("notes") if done else None)
 
 
 def main(argv=None) -> int:

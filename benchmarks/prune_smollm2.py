@@ -29,13 +29,13 @@ import datetime as _dt
 import gc
 import json
 import os
-import platform
 import shutil
-import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
+
+from _common import git_rev, log  # noqa: E402  (benchmarks/ is on sys.path when run as a script)
 
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
@@ -43,10 +43,6 @@ sys.path.insert(0, str(HERE))
 
 CRITERIA_ALL = ("taylor", "taylor-vector", "taylor-second", "magnitude", "activation", "random")
 LAYOUTS_ALL = ("uniform", "per-layer")
-
-
-def log(msg: str) -> None:
-    print(f"[{time.strftime('%H:%M:%S')}] {msg}", flush=True)
 
 
 def parse_args(argv=None):
@@ -78,35 +74,10 @@ from _common import run_measured  # noqa: E402  (re-exported for callers)
 
 
 def machine_info() -> dict:
-    from _common import cpu_name
+    from _common import machine_info as common
+    from peers import tp_version
 
-    cpu = cpu_name()
-    import torch
-    import transformers
-
-    try:
-        from peers import tp_version
-        tpv = tp_version()
-    except Exception:  # noqa: BLE001
-        tpv = None
-    mem_gb = None
-    try:
-        import psutil
-        mem_gb = round(psutil.virtual_memory().total / 2**30, 1)
-    except Exception:  # noqa: BLE001
-        pass
-    return {"cpu": cpu, "cores_visible": os.cpu_count(), "torch_threads": torch.get_num_threads(), "ram_gib": mem_gb,
-            "python": platform.python_version(), "torch": torch.__version__, "transformers": transformers.__version__,
-            "torch_pruning": tpv, "platform": platform.platform(), "loadavg_start": list(os.getloadavg())}
-
-
-def git_rev() -> str | None:
-    try:
-        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True, text=True,
-                              check=True).stdout.strip()
-    except Exception:  # noqa: BLE001
-        return None
-
+    return common(torch_pruning=tp_version())
 
 # ----------------------------------------------------------------------------- helpers
 class Results:

@@ -30,7 +30,6 @@ import gc
 import json
 import logging
 import os
-import platform
 import shlex
 import sys
 import time
@@ -77,19 +76,10 @@ def parse_args(argv=None):
 
 
 def machine_info() -> dict:
-    import torch
-    import transformers
-
-    from _common import cpu_name
-
-    cpu = cpu_name()
     import peft
+    from _common import machine_info as common
 
-    return {"cpu": cpu or platform.processor(), "cores_visible": os.cpu_count(),
-            "torch_threads": torch.get_num_threads(), "python": platform.python_version(),
-            "torch": torch.__version__, "transformers": transformers.__version__, "peft": peft.__version__,
-            "platform": platform.platform(), "loadavg_start": [round(x, 2) for x in os.getloadavg()]}
-
+    return common(peft=peft.__version__)
 
 # ------------------------------------------------------------------------------------- report
 

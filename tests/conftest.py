@@ -57,12 +57,3 @@ def shared_data():
 def data_env(monkeypatch, shared_data):
     monkeypatch.setenv("GQAPRUNE_DATA_DIR", str(shared_data))
     return shared_data
-
-
-@pytest.fixture
-def offline_single_process(monkeypatch, tmp_path):
-    """No Hub, a private dataset cache, and no torchrun variables leaking in from the environment."""
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    monkeypatch.setenv("GQAPRUNE_CACHE_DIR", str(tmp_path / "cache_env"))
-    for k in ("WORLD_SIZE", "RANK", "LOCAL_RANK"):
-        monkeypatch.delenv(k, raising=False)

@@ -14,7 +14,6 @@ from gqaprune.recover.distill import distillation_kl
 from gqaprune.recover.finetune import FinetuneOptions, finetune
 
 
-pytestmark = pytest.mark.usefixtures("offline_single_process")
 
 
 def _batch(seed: int = 0):

@@ -17,20 +17,10 @@ from helpers import read_metrics, save_dense, save_per_layer, train_losses, writ
 from gqaprune.errors import GQAPruneError
 from gqaprune.data.tokenized import prepare_data, prompt_template_tokens, tokenize_records
 from gqaprune.outputs import MANIFEST
-from gqaprune.recover.finetune import FinetuneOptions, TrainingDivergedError, finetune
+from gqaprune.recover.finetune import TrainingDivergedError, finetune
 from gqaprune.recover.options import grad_accumulation
 
 REPO = Path(__file__).resolve().parents[2]
-
-
-@pytest.fixture(autouse=True)
-def _offline(monkeypatch, tmp_path):
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    monkeypatch.setenv("WANDB_MODE", "offline")
-    monkeypatch.setenv("WANDB_SILENT", "true")
-    monkeypatch.setenv("GQAPRUNE_CACHE_DIR", str(tmp_path / "cache_env"))
-    for k in ("WORLD_SIZE", "RANK", "LOCAL_RANK"):
-        monkeypatch.delenv(k, raising=False)
 
 
 @pytest.fixture

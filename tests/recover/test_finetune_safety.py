@@ -18,16 +18,6 @@ from gqaprune.outputs import MANIFEST, foreign_entries, read_manifest
 from gqaprune.recover.finetune import FinetuneOptions, finetune
 
 
-@pytest.fixture(autouse=True)
-def _offline(monkeypatch, tmp_path):
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    monkeypatch.setenv("WANDB_MODE", "offline")
-    monkeypatch.setenv("WANDB_SILENT", "true")
-    monkeypatch.setenv("GQAPRUNE_CACHE_DIR", str(tmp_path / "cache_env"))
-    for k in ("WORLD_SIZE", "RANK", "LOCAL_RANK"):
-        monkeypatch.delenv(k, raising=False)
-
-
 @pytest.fixture
 def no_loading(monkeypatch):
     """Fail the test if the model or the data are loaded: the checks must come first."""

@@ -128,6 +128,9 @@ def test_adapter_without_gqaprune_info_is_shape_checked_and_warned(tmp_path):
     assert res.warnings and res.saved_dtype == "bfloat16"
     cfg = json.loads((tmp_path / "m" / "config.json").read_text())
     assert cfg.get("dtype", cfg.get("torch_dtype")) == "bfloat16"
+    # the one dtype table: merge takes prune's spelling too (it used to refuse bf16)
+    res = merge_and_save_lora(str(base), str(tmp_path / "lora"), str(tmp_path / "m2"), dtype="bf16")
+    assert res.saved_dtype == "bfloat16"
 
 
 def test_script_flags_and_exit_codes(tmp_path, capsys):

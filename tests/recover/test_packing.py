@@ -15,7 +15,6 @@ from gqaprune.outputs import MANIFEST
 from gqaprune.recover.finetune import FinetuneOptions, finetune
 
 
-pytestmark = pytest.mark.usefixtures("offline_single_process")
 
 
 def _examples(seed: int = 0, lens=(9, 23, 5, 16)):

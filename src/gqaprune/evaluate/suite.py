@@ -110,7 +110,7 @@ class SuiteResult:
 
 def evaluate_one(opts: EvalOptions, model, tokenizer, label: str, adapter: str | None = None) -> EvalResult:
     """PPL on each of ``opts.ppl`` and accuracy on each of ``opts.tasks`` for a loaded model."""
-    from gqaprune.evaluate.perplexity import perplexity, tokenize_corpus  # noqa: F401
+    from gqaprune.evaluate.perplexity import perplexity
 
     res = EvalResult(label, adapter)
     for name in opts.ppl:
