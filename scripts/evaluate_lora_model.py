@@ -15,23 +15,24 @@ import sys
 
 
 def main(argv: list[str] | None = None) -> int:
-    from gqaprune.errors import GQAPruneError
+    from gqaprune.console import run_guarded
     from gqaprune.evaluate.suite import EvalOptions, evaluate_model
     from gqaprune.options import add_options, options_from_args
 
     p = argparse.ArgumentParser(prog="evaluate_lora_model.py", description=__doc__.split("\n\n")[0])
     add_options(p, EvalOptions, underscore=True)
-    opts = options_from_args(EvalOptions, p.parse_args(argv))
-    opts.output = opts.output or "eval_results"
+    ns = p.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
-    try:
+
+    def run() -> int:
+        opts = options_from_args(EvalOptions, ns)
+        opts.output = opts.output or "eval_results"
         suite = evaluate_model(opts)
-    except GQAPruneError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return e.exit_code
-    print(suite.markdown())
-    print(f"saved {opts.output}/eval.json and eval.md")
-    return 0
+        print(suite.markdown())
+        print(f"saved {opts.output}/eval.json and eval.md")
+        return 0
+
+    return run_guarded("evaluate_lora_model.py", "eval", run)
 
 
 if __name__ == "__main__":

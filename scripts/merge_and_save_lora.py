@@ -9,27 +9,25 @@ A thin wrapper over ``gqaprune.recover.merge.merge_and_save_lora``; ``gqaprune m
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import logging
 import sys
 
 
 def main(argv: list[str] | None = None) -> int:
-    from gqaprune.errors import GQAPruneError
-    from gqaprune.recover.merge import MergeOptions, merge_and_save_lora
+    from gqaprune.console import run_guarded
     from gqaprune.options import add_options, options_from_args
+    from gqaprune.recover.merge import MergeOptions, merge
 
     parser = argparse.ArgumentParser(prog="merge_and_save_lora.py", description=__doc__.split("\n\n")[0])
     add_options(parser, MergeOptions, underscore=True)
-    opts = options_from_args(MergeOptions, parser.parse_args(argv))
+    ns = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    try:
-        result = merge_and_save_lora(**dataclasses.asdict(opts))
-    except GQAPruneError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return e.exit_code
-    print("\n".join(result.lines()))
-    return 0
+
+    def run() -> int:
+        print("\n".join(merge(options_from_args(MergeOptions, ns)).lines()))
+        return 0
+
+    return run_guarded("merge_and_save_lora.py", "merge", run)
 
 
 if __name__ == "__main__":

@@ -19,9 +19,10 @@ import sys
 
 
 def main(argv: list[str] | None = None) -> int:
-    from gqaprune.errors import GQAPruneError, Interrupted
-    from gqaprune.recover.finetune import FinetuneOptions, finetune
+    from gqaprune.console import run_guarded
     from gqaprune.options import add_options, options_from_args
+    from gqaprune.recover.options import FinetuneOptions
+    from gqaprune.recover.finetune import finetune
 
     parser = argparse.ArgumentParser(prog="post_training.py", description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -30,17 +31,14 @@ def main(argv: list[str] | None = None) -> int:
     rank = int(os.environ.get("RANK", "0"))
     logging.basicConfig(level=logging.INFO if rank == 0 else logging.WARNING,
                         format=f"%(asctime)s [rank {rank}] %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
-    try:
+
+    def run() -> int:
         result = finetune(options_from_args(FinetuneOptions, ns))
-    except GQAPruneError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return e.exit_code
-    except Interrupted as e:
-        print(f"interrupted: {e}. Continue with --resume_from_checkpoint last.", file=sys.stderr)
-        return e.exit_code
-    if rank == 0:
-        print("\n".join(result.lines()))
-    return 0
+        if rank == 0:
+            print("\n".join(result.lines()))
+        return 0
+
+    return run_guarded("post_training.py", "finetune", run)
 
 
 if __name__ == "__main__":

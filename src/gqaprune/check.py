@@ -74,8 +74,16 @@ def _tensor_shapes(folder: Path) -> dict[str, list[int]]:
     return shapes
 
 
+def _config_kv(cfg: dict, i: int) -> int | None:
+    """KV heads the config gives layer ``i`` (per-layer list of the per-layer class, else the scalar)."""
+    per_layer = cfg.get("kv_heads_per_layer")
+    if isinstance(per_layer, list) and i < len(per_layer):
+        return per_layer[i]
+    return cfg.get("num_key_value_heads") or cfg.get("num_attention_heads")
+
+
 def layer_report(cfg: dict, shapes: dict[str, list[int]], expect_r: int | None) -> tuple[list[dict], list[str]]:
-    """Per-layer heads / Q:KV / MLP from tensor shapes, and a list of problems found."""
+    """Per-layer heads / Q:KV / MLP from tensor shapes, and a list of problems found (each naming its layer)."""
     d = head_dim(cfg)
     r = expect_r or q_per_kv(cfg)
     rows, problems = [], []
@@ -92,11 +100,16 @@ def layer_report(cfg: dict, shapes: dict[str, list[int]], expect_r: int | None) 
         n_q, n_kv = q // d, k // d
         ratio = n_q / n_kv if n_kv else float("inf")
         ok = whole and k == v and q == o_in and n_kv >= 1 and ratio == r
-        rows.append({"layer": i, "q_heads": q / d if not whole else n_q, "kv_heads": k / d if not whole else n_kv,
-                     "q_per_kv": ratio, "mlp": mlp, "ok": ok})
-        if not ok:
+        want_kv = _config_kv(cfg, i)
+        if ok and want_kv is not None and want_kv != n_kv:
+            ok = False
+            problems.append(f"layer {i}: config.json gives {want_kv} KV heads, its weights have {n_kv} "
+                            f"(k_proj {k} rows / head_dim {d})")
+        elif not ok:
             problems.append(f"layer {i}: q {q}, k {k}, v {v}, o_in {o_in} rows with head_dim {d} "
                             f"give Q:KV {ratio:g} (expected {r})")
+        rows.append({"layer": i, "q_heads": q / d if not whole else n_q, "kv_heads": k / d if not whole else n_kv,
+                     "q_per_kv": ratio, "mlp": mlp, "ok": ok})
     return rows, problems
 
 
@@ -127,49 +140,73 @@ def lora_memory_estimate(n_params: int, cfg: dict, layers: list[dict], *, micro_
             "logits": logits, "total": int(total * 1.2), "overhead_factor": 1.2}
 
 
+def _read_config(folder: Path) -> dict:
+    try:
+        cfg = json.loads((folder / "config.json").read_text())
+    except (ValueError, UnicodeDecodeError) as e:
+        raise GQAPruneError(f"check {folder}: config.json is not valid JSON ({e}); re-create or re-download the "
+                            "checkpoint") from e
+    if not isinstance(cfg, dict):
+        raise GQAPruneError(f"check {folder}: config.json holds {type(cfg).__name__}, not a model config")
+    return cfg
+
+
+def _architecture(cfg: dict) -> CheckRow:
+    from gqaprune.models.io import SUPPORTED_MODEL_TYPES
+
+    mt = cfg.get("model_type")
+    missing = [k for k in ("hidden_size", "num_attention_heads", "num_hidden_layers") if k not in cfg]
+    ok = mt in SUPPORTED_MODEL_TYPES and not missing
+    why = (f"model_type {mt!r}" + (f", config has no {', '.join(missing)}" if missing else "")
+           + f"; gqaprune checks {', '.join(SUPPORTED_MODEL_TYPES)} checkpoints")
+    return CheckRow("supported architecture", ok, f"model_type {mt}" if ok else why)
+
+
+def _loads(folder: Path, opts: CheckOptions, res: CheckResult) -> None:
+    """The 'model loads' and PPL rows."""
+    from gqaprune.evaluate.perplexity import perplexity
+    from gqaprune.models.io import load_model
+
+    try:
+        model, tok = load_model(str(folder), dtype=opts.dtype, device=opts.device)
+    except GQAPruneError as e:
+        res.rows.append(CheckRow("model loads", False, str(e).splitlines()[0]))
+        res.rows.append(CheckRow(f"wikitext2 PPL < {opts.max_ppl:g}", False, "not measured: the model does not load"))
+        return
+    res.rows.append(CheckRow("model loads", True, f"{type(model).__name__} via from_pretrained"))
+    p = perplexity(model, tok, "wikitext2", seq_len=opts.seq_len, max_tokens=opts.ppl_max_tokens or None)
+    res.rows.append(CheckRow(f"wikitext2 PPL < {opts.max_ppl:g}", p.ppl < opts.max_ppl, p.line()))
+
+
 def check(opts: CheckOptions) -> CheckResult:
     """Run the checklist; the result's ``ok`` is the pass/fail verdict."""
+    import math
+
     folder = Path(opts.checkpoint)
     if not folder.is_dir() or not (folder / "config.json").is_file():
         raise GQAPruneError(f"check {opts.checkpoint}: not a checkpoint folder (no config.json)")
-    cfg = json.loads((folder / "config.json").read_text())
-    res = CheckResult()
+    cfg = _read_config(folder)
+    res = CheckResult(rows=[_architecture(cfg)])
+    if not res.rows[0].ok:
+        return res
     shapes = _tensor_shapes(folder)
     expect_r = opts.expect_q_per_kv
     plan_file = folder / "prune_plan.json"
     if expect_r is None and plan_file.is_file():
         expect_r = json.loads(plan_file.read_text()).get("source_shape", {}).get("q_per_kv")
-    layers, problems = layer_report(cfg, shapes, expect_r)
-    res.layers = layers
+    res.layers, problems = layer_report(cfg, shapes, expect_r)
     r = expect_r or q_per_kv(cfg)
     res.rows.append(CheckRow("Q:KV ratio kept in every layer", not problems,
-                             f"{r}:1 in all {len(layers)} layers" if not problems else "; ".join(problems[:3])))
+                             f"{r}:1 in all {len(res.layers)} layers" if not problems else "; ".join(problems[:3])))
     d = cfg.get("head_dim")
     hd_ok = d is not None and all(
         shapes.get(f"model.layers.{i}.self_attn.k_proj.weight", [0])[0] % d == 0 for i in range(cfg["num_hidden_layers"]))
     res.rows.append(CheckRow("head_dim explicit and consistent", hd_ok,
                              f"head_dim {d}" if hd_ok else f"head_dim {d!r} missing or does not divide k_proj rows"))
-    import math
-
     n_params = sum(math.prod(s) for k, s in shapes.items() if not (cfg.get("tie_word_embeddings") and k == "lm_head.weight"))
     res.rows.append(CheckRow("parameter count", True, f"{n_params:,} parameters"))
-
-    model = tok = None
-    try:
-        from gqaprune.models.io import load_model
-
-        model, tok = load_model(str(folder), dtype=opts.dtype, device=opts.device)
-        res.rows.append(CheckRow("model loads", True, f"{type(model).__name__} via from_pretrained"))
-    except GQAPruneError as e:
-        res.rows.append(CheckRow("model loads", False, str(e).splitlines()[0][:200]))
-    if model is not None:
-        from gqaprune.evaluate.perplexity import perplexity
-
-        p = perplexity(model, tok, "wikitext2", seq_len=opts.seq_len, max_tokens=opts.ppl_max_tokens or None)
-        res.rows.append(CheckRow(f"wikitext2 PPL < {opts.max_ppl:g}", p.ppl < opts.max_ppl, p.line()))
-    else:
-        res.rows.append(CheckRow(f"wikitext2 PPL < {opts.max_ppl:g}", False, "not measured: the model does not load"))
-    est = lora_memory_estimate(n_params, cfg, [x for x in layers if x["ok"]] or layers,
+    _loads(folder, opts, res)
+    est = lora_memory_estimate(n_params, cfg, [x for x in res.layers if x["ok"]] or res.layers,
                                micro_batch=opts.micro_batch_size, seq_len=opts.cutoff_len, lora_r=opts.lora_r,
                                gradient_checkpointing=opts.gradient_checkpointing)
     avail, where = available_memory(opts.device)

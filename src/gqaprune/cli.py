@@ -7,8 +7,7 @@ import logging
 import sys
 
 from gqaprune.data.sources import data_dir
-from gqaprune.errors import GQAPruneError, Interrupted
-from gqaprune.console import console, ppl_line
+from gqaprune.console import console, ppl_line, run_guarded
 from gqaprune.options import add_options, options_from_args
 
 
@@ -200,15 +199,6 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-# what is left after Ctrl-C, per command (outputs are written atomically at the end unless said here)
-_ON_INTERRUPT = {
-    "finetune": "checkpoints saved so far are kept in --output_dir; continue with --resume_from_checkpoint last",
-    "run": "finished steps and LoRA checkpoints are kept; run the same command again to continue",
-    "prune": "nothing was written to the output folder",
-    "merge": "nothing was written to the output folder",
-}
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     ns = parser.parse_args(argv)
@@ -217,17 +207,12 @@ def main(argv: list[str] | None = None) -> int:
     if not ns.command:
         parser.print_help()
         return 2
-    try:
+
+    def command() -> int:
         data_dir()  # a wrong $GQAPRUNE_DATA_DIR fails now, not after minutes of work
         return COMMANDS[ns.command][2](ns)
-    except GQAPruneError as e:
-        print(f"gqaprune {ns.command}: error: {e}", file=sys.stderr)
-        return 2
-    except (Interrupted, KeyboardInterrupt) as e:   # Interrupted: stopped cleanly, says where it saved
-        said = f": {e}" if isinstance(e, Interrupted) else ""
-        print(f"gqaprune {ns.command}: interrupted{said}; {_ON_INTERRUPT.get(ns.command, 'no result was written')}",
-              file=sys.stderr)
-        return Interrupted.exit_code
+
+    return run_guarded(f"gqaprune {ns.command}", ns.command, command)
 
 
 if __name__ == "__main__":

@@ -23,6 +23,13 @@ def _figure(**kw):
 
 def kept_units_png(plan, title: str = "") -> bytes:
     """Bar chart (PNG bytes) of KV groups and MLP channels kept per layer, against the original."""
+    buf = io.BytesIO()
+    kept_units_figure(plan, title).savefig(buf, format="png", dpi=100)
+    return buf.getvalue()
+
+
+def kept_units_figure(plan, title: str = ""):
+    """The figure of ``kept_units_png``: integer ticks, the legend above the bars."""
     from matplotlib.ticker import MaxNLocator
 
     n = len(plan.kv_groups)
@@ -46,9 +53,7 @@ def kept_units_png(plan, title: str = "") -> bytes:
     fig.suptitle(f"{title}  ({plan.layout}, {red:.1%} of parameters removed)" if red is not None else title,
                  fontsize=10)
     fig.tight_layout()
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=100)
-    return buf.getvalue()
+    return fig
 
 
 def plot_curves(metrics_path: Path, png_path: Path) -> Path | None:

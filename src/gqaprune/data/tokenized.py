@@ -190,11 +190,17 @@ def _check_sizes(opts, tokenizer, n: int) -> None:
             f"--cutoff_len {opts.cutoff_len}: shorter than the prompt template alone ({template} tokens with this "
             f"tokenizer), so no example would keep any response token. Use a larger value (the guide uses 256)."
         )
-    if opts.val_set_size >= n:
-        raise GQAPruneError(
-            f"--val_set_size {opts.val_set_size}: the data has only {n:,} records, so nothing would be left to "
-            f"train on; use a smaller value (e.g. {max(1, n // 10):,}) or 0 for no validation split."
-        )
+    check_val_split(opts.val_set_size, n)
+
+
+def check_val_split(val_set_size: int, n: int) -> None:
+    """Refuse a validation split that leaves nothing to train on, with advice that is never the same value."""
+    if val_set_size < n:
+        return
+    advice = (f"use a smaller value (e.g. {max(1, n // 10):,}) or 0 for no validation split" if n >= 2 else
+              "use --val_set_size 0 (no validation split), or more data")
+    raise GQAPruneError(f"--val_set_size {val_set_size}: the data has only {n:,} record{'s' if n != 1 else ''}, so "
+                        f"nothing would be left to train on; {advice}.")
 
 
 def prepare_data(opts, tokenizer, records: list[dict]) -> tuple[TokenizedSplit, TokenizedSplit | None, str, dict]:

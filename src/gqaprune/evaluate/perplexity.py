@@ -102,6 +102,38 @@ def perplexity_of_ids(model, ids: torch.Tensor, *, seq_len: int = 128, stride: i
     return total_nll / total_n, total_n
 
 
+@torch.no_grad()
+def first_nonfinite(model, ids: torch.Tensor) -> str:
+    """Where the model's forward first produces NaN/inf on ``ids`` (1-D): the embeddings, a decoder
+    layer, the final norm or the head; the weights that are non-finite there, if any."""
+    from gqaprune.models.layout import decoder_layers
+
+    base = getattr(model, "model", model)
+    named = [("the embeddings", base.get_input_embeddings())]
+    named += [(f"decoder layer {i}", layer) for i, layer in enumerate(decoder_layers(model))]
+    named += [("the final norm", getattr(base, "norm", None)), ("the LM head", model.get_output_embeddings())]
+    seen: list[str] = []
+
+    def hook(name):
+        def fn(mod, args, out):
+            t = out[0] if isinstance(out, tuple) else out
+            if not seen and torch.is_tensor(t) and not torch.isfinite(t).all():
+                seen.append(name)
+        return fn
+
+    handles = [m.register_forward_hook(hook(n)) for n, m in named if m is not None]
+    try:
+        model(input_ids=ids[None, :128].to(next(model.parameters()).device), use_cache=False)
+    finally:
+        for h in handles:
+            h.remove()
+    if not seen:
+        return "no module output is non-finite on the first window (the loss overflowed)"
+    mod = dict(named)[seen[0]]
+    bad = [n for n, w in mod.named_parameters() if not torch.isfinite(w).all()]
+    return seen[0] + (f" (non-finite weights: {', '.join(bad[:4])})" if bad else "")
+
+
 def tokenize_corpus(tokenizer, text: str) -> torch.Tensor:
     """Tokenise a whole split once (the tokenizer's default special tokens, e.g. one BOS)."""
     if not text.strip():
@@ -126,6 +158,10 @@ def perplexity(model, tokenizer, dataset: str = "wikitext2", *, seq_len: int = 1
         ids = ids[:max_tokens]
     nll, n = perplexity_of_ids(model, ids, seq_len=seq_len, stride=stride, batch_size=batch_size,
                                progress=progress, desc=f"PPL {corpus.dataset}")
+    if not math.isfinite(nll):
+        raise GQAPruneError(f"{corpus.dataset} {corpus.split}: PPL is {math.exp(nll) if nll < 700 else nll} "
+                            f"(mean NLL {nll}): the model is numerically broken; first non-finite output: "
+                            f"{first_nonfinite(model, ids)}. Check the checkpoint (gqaprune check), or use --dtype fp32.")
     res = PPLResult(corpus.dataset, corpus.split, seq_len, stride or seq_len, n, math.exp(nll), nll,
                     corpus.source, max_tokens if max_tokens and max_tokens < 10**12 else None)
     log.info(res.line())

@@ -42,7 +42,7 @@ from transformers.trainer_callback import PrinterCallback, ProgressCallback
 
 from gqaprune.data.collate import PadCollator
 from gqaprune.data.instructions import load_instruction_records
-from gqaprune.data.tokenized import TokenizedSplit, prepare_data
+from gqaprune.data.tokenized import TokenizedSplit, check_val_split, prepare_data
 from gqaprune.errors import GQAPruneError, Interrupted
 from gqaprune.models.adapters import ADAPTER_INFO, base_fingerprint
 from gqaprune.models.io import load_model, resolve_device, resolve_model_ref
@@ -221,11 +221,7 @@ def plan_run(opts: FinetuneOptions, world_size: int) -> tuple[RunPlan, int]:
 
 def load_data(opts: FinetuneOptions) -> list[dict]:
     records = load_instruction_records(opts.data_path)
-    if opts.val_set_size >= len(records):
-        raise GQAPruneError(
-            f"--val_set_size {opts.val_set_size}: the data has only {len(records):,} records, so nothing would be "
-            f"left to train on; use a smaller value (e.g. {max(1, len(records) // 10):,}) or 0 for no validation."
-        )
+    check_val_split(opts.val_set_size, len(records))   # before the model is loaded
     return records
 
 
