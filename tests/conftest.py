@@ -57,3 +57,11 @@ def shared_data():
 def data_env(monkeypatch, shared_data):
     monkeypatch.setenv("GQAPRUNE_DATA_DIR", str(shared_data))
     return shared_data
+
+
+@pytest.fixture
+def calib_file(tmp_path):
+    """A small local calibration text (so tests don't depend on the shared data)."""
+    p = tmp_path / "calib.txt"
+    p.write_text("\n\n".join(f"The quick brown fox {i} jumps over the lazy dog number {i * 7}." for i in range(400)))
+    return p

@@ -145,3 +145,24 @@ def finetune_options(tmp_path: Path, base, data, **kw):
              cutoff_len=192, learning_rate=1e-3, warmup_steps=0, cache_dir=str(tmp_path / "cache"), seed=0)
     d.update(kw)
     return FinetuneOptions(**d)
+
+
+def prune_args(src, out, calib, *extra):
+    """``gqaprune prune`` arguments for a tiny model with a small local calibration file."""
+    return ["prune", "--model", str(src), "--output", str(out), "--calibration", str(calib),
+            "--num-samples", "4", "--seq-len", "16", "--calib-batch-size", "2", *extra]
+
+
+LOADERS = ("gqaprune.models.io", "gqaprune.prune.command", "gqaprune.recover.merge", "gqaprune.recover.finetune",
+           "gqaprune.recover.distill", "gqaprune.models.adapters", "gqaprune.bench.command", "gqaprune.check")
+
+
+def patch_load_model(monkeypatch, fake) -> None:
+    """Replace ``load_model`` everywhere it is bound. Every module is imported first: one imported while
+    patched would bind the fake for good."""
+    import importlib
+
+    mods = [importlib.import_module(m) for m in LOADERS]
+    for m in mods:
+        if hasattr(m, "load_model"):
+            monkeypatch.setattr(m, "load_model", fake)

@@ -194,6 +194,13 @@ def stale_files(out: Path) -> list[Path]:
 
 
 # ------------------------------------------------------------------------------ writing
+def _is_write_failure(e: BaseException) -> bool:
+    """OSError, or safetensors' own error for a failed write (it reports I/O errors as SafetensorError)."""
+    if isinstance(e, OSError):
+        return True
+    return type(e).__name__ == "SafetensorError" and "I/O error" in str(e)
+
+
 def write_folder(out: str | Path, kind: str, fill: Callable[[Path], object], *, overwrite: bool = False,
                  flag: str = "--output", info: Mapping | None = None) -> Path:
     """Write a complete folder atomically: ``fill(tmp)`` writes the files, then it is renamed into place.
@@ -213,8 +220,8 @@ def write_folder(out: str | Path, kind: str, fill: Callable[[Path], object], *, 
     out.parent.mkdir(parents=True, exist_ok=True)
     clean_stale(out)
     tmp = out.parent / f".{out.name}.tmp-{uuid.uuid4().hex[:8]}"
-    tmp.mkdir()
     try:
+        tmp.mkdir()
         # the marker first: a killed write leaves a folder the next write recognises as its own leftover
         (tmp / MANIFEST).write_text(_manifest(kind, [], info, complete=False))
         fill(tmp)
@@ -222,10 +229,22 @@ def write_folder(out: str | Path, kind: str, fill: Callable[[Path], object], *, 
         if out.exists():
             trash = out.parent / f".{out.name}.old-{uuid.uuid4().hex[:8]}"
             os.replace(out, trash)
-            os.replace(tmp, out)
+            try:
+                os.replace(tmp, out)
+            except OSError:
+                os.replace(trash, out)   # put the earlier folder back
+                raise
             shutil.rmtree(trash, ignore_errors=True)
         else:
             os.replace(tmp, out)
+    except Exception as e:  # noqa: BLE001 - filtered: only failures to write become messages
+        if not _is_write_failure(e):
+            raise
+        # a full disk, a quota, a location that became read-only: the input at fault is the location
+        why = getattr(e, "strerror", None) or str(e)
+        raise GQAPruneError(f"{flag} {out}: writing failed ({why}); the partial copy was removed and "
+                            f"{'the earlier folder is unchanged' if out.exists() else 'nothing was left there'}. "
+                            "Free some space or choose another location.") from e
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)

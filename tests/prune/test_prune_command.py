@@ -8,21 +8,8 @@ import math
 import pytest
 import torch
 
-from helpers import make_tiny_model, make_tokenizer
+from helpers import make_tiny_model, make_tokenizer, prune_args
 from gqaprune.cli import main
-
-
-@pytest.fixture
-def calib_file(tmp_path):
-    """A small local calibration text (so tests don't depend on the shared data)."""
-    p = tmp_path / "calib.txt"
-    p.write_text("\n\n".join(f"The quick brown fox {i} jumps over the lazy dog number {i * 7}." for i in range(400)))
-    return p
-
-
-def prune_args(src, out, calib, *extra):
-    return ["prune", "--model", str(src), "--output", str(out), "--calibration", str(calib),
-            "--num-samples", "4", "--seq-len", "16", "--calib-batch-size", "2", *extra]
 
 
 def test_prune_cli_writes_loadable_checkpoint(tiny_dir, tmp_path, calib_file, capsys):

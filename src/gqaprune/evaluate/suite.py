@@ -15,9 +15,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from gqaprune.errors import GQAPruneError
-from gqaprune.models.adapters import load_with_adapter
+from gqaprune.models.adapters import adapter_files, load_with_adapter
 from gqaprune.options import ModelArgs, opt
-from gqaprune.models.io import local_path
+from gqaprune.models.io import local_path, resolve_model_ref
 from gqaprune.outputs import check_output, write_folder
 
 log = logging.getLogger(__name__)
@@ -137,6 +137,12 @@ def _load_and_eval(opts: EvalOptions, ref: str, adapter: str | None, flag: str =
 
 def evaluate_model(opts: EvalOptions, model=None, tokenizer=None) -> SuiteResult:
     """Evaluate ``opts.model`` (+ adapter); with ``base_model``, original vs pruned vs recovered."""
+    if model is None:   # every reference is checked before the first model is loaded
+        for flag, ref in (("--model", opts.model), ("--base-model", opts.base_model), ("--recovered", opts.recovered)):
+            if ref:
+                resolve_model_ref(ref, flag)
+    if opts.adapter:
+        adapter_files(opts.adapter, "--adapter")
     if opts.output:
         inputs = {f: local_path(r) for f, r in (("--model", opts.model), ("--base-model", opts.base_model),
                                                  ("--recovered", opts.recovered))}

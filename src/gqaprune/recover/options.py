@@ -169,8 +169,8 @@ class TrainArgs(Args):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        if self.batch_size < 1 or self.micro_batch_size < 1:
-            grad_accumulation(self.batch_size, self.micro_batch_size, 1)   # its message names both
+        # one process must divide the global batch too; finetune() checks again for the run's world size
+        grad_accumulation(self.batch_size, self.micro_batch_size, 1)
         _at_least(self, ("save_steps", "save_total_limit"), 1)
         _at_least(self, ("warmup_steps",), 0)
         if self.learning_rate <= 0:
