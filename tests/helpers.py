@@ -85,7 +85,7 @@ def make_per_layer_model(seed: int = 0, kv=(1, 2), inter=(48, 128)):
     """GQAPrunedLlamaForCausalLM from tiny_config: layer 0 keeps 1 KV group and 48 MLP channels."""
     from gqaprune.models.pruned_llama import GQAPrunedLlamaConfig, GQAPrunedLlamaForCausalLM
 
-    cfg = GQAPrunedLlamaConfig(**tiny_config().to_dict())
+    cfg = GQAPrunedLlamaConfig(**tiny_config(num_hidden_layers=len(kv)).to_dict())
     cfg.kv_heads_per_layer = list(kv)
     cfg.intermediate_size_per_layer = list(inter)
     torch.manual_seed(seed)

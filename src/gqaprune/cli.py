@@ -144,6 +144,21 @@ def cmd_run(ns) -> int:
     return 0
 
 
+def cmd_export(ns) -> int:
+    from gqaprune.export.gguf import ExportOptions, export
+
+    res = export(options_from_args(ExportOptions, ns))
+    print("\n".join(res.lines()))
+    return 0
+
+
+def cmd_push(ns) -> int:
+    from gqaprune.export.push import PushOptions, push
+
+    print(f"pushed to {push(options_from_args(PushOptions, ns))}")
+    return 0
+
+
 def cmd_report(ns) -> int:
     from gqaprune.report import write_run_report
 
@@ -168,7 +183,14 @@ COMMANDS = {
     "report": ("write REPORT.md for a `gqaprune run` folder", None, cmd_report),
     "check": ("pre-flight checklist for a pruned checkpoint (exit 1 on failure)", "gqaprune.check:CheckOptions",
               cmd_check),
+    "export": ("write a checkpoint as one GGUF file for llama.cpp / Ollama / LM Studio (optionally quantized)",
+               "gqaprune.export.gguf:ExportOptions", cmd_export),
+    "push": ("publish a checkpoint folder (with its model card) to the Hugging Face Hub",
+             "gqaprune.export.push:PushOptions", cmd_push),
 }
+# commands whose first option is given as a positional argument: command -> (field, help)
+POSITIONAL = {"check": ("checkpoint", "checkpoint folder"), "export": ("checkpoint", "checkpoint folder to export"), "push": ("folder", "checkpoint folder to publish"),
+              "report": ("run_dir", "the output_root of a `gqaprune run`")}
 
 
 def _load(spec: str):
@@ -187,15 +209,11 @@ def build_parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", metavar="COMMAND")
     for name, (help_text, spec, _) in COMMANDS.items():
         sp = sub.add_parser(name, help=help_text, description=help_text)
-        if spec is None:  # report: one positional argument
-            sp.add_argument("run_dir", help="the output_root of a `gqaprune run`")
-            continue
-        cls = _load(spec)
-        if name == "check":
-            sp.add_argument("checkpoint", help="checkpoint folder")
-            add_options(sp, cls, skip=("checkpoint",))
-        else:
-            add_options(sp, cls)
+        pos = POSITIONAL.get(name)
+        if pos:
+            sp.add_argument(pos[0], help=pos[1])
+        if spec is not None:
+            add_options(sp, _load(spec), skip=(pos[0],) if pos else ())
     return p
 
 

@@ -17,6 +17,7 @@ ON_INTERRUPT = {
     "prune": "nothing was written to the output folder",
     "merge": "nothing was written to the output folder",
     "eval": "no result was written",
+    "export": "no .gguf was written (only complete files are renamed into place)",
 }
 
 

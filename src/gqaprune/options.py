@@ -176,3 +176,23 @@ def options_from_args(cls: type[T], ns: argparse.Namespace, **overrides) -> T:
     kw.update(overrides)
     return cls(**kw)
 
+
+def command_line(prog: str, opts) -> str:
+    """The command line that builds ``opts``: ``prog`` and every option that differs from its default."""
+    import shlex
+
+    parts: list[str] = []
+    for f in dataclasses.fields(opts):
+        if f.name.startswith("_"):
+            continue
+        v = getattr(opts, f.name)
+        default = f.default if f.default is not dataclasses.MISSING else (
+            f.default_factory() if f.default_factory is not dataclasses.MISSING else None)
+        if v == default:
+            continue
+        flag_ = "--" + f.name.replace("_", "-")
+        if isinstance(v, bool):
+            parts.append(flag_ if v else "--no-" + f.name.replace("_", "-"))
+        elif v is not None:
+            parts += [flag_, ",".join(map(str, v)) if isinstance(v, (list, tuple)) else str(v)]
+    return " ".join([prog] + [shlex.quote(x) for x in parts])

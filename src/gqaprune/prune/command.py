@@ -19,7 +19,7 @@ from gqaprune.data.calibration import calibration_batch, check_source
 from gqaprune.data.corpora import check_corpus
 from gqaprune.errors import GQAPruneError
 from gqaprune.memory import peak_gpu_mb, peak_rss_mb, reset_gpu_peak
-from gqaprune.models.io import load_model, local_path, resolve_model_ref, save_checkpoint
+from gqaprune.models.io import is_per_layer, load_model, local_path, resolve_model_ref, save_checkpoint
 from gqaprune.models.layout import count_params, model_layout
 from gqaprune.outputs import check_output
 from gqaprune.prune.budget import Target
@@ -127,14 +127,19 @@ def cut(model, opts: PruneOptions, plan: PrunePlan | None, target: Target | None
 
 
 def save(res: PruneResult, opts: PruneOptions, pruned, tok) -> None:
+    from gqaprune.models.card import model_card
+    from gqaprune.options import command_line
     from gqaprune.report import kept_units_png
 
+    name = Path(opts.output).name
     res.chart = str(Path(opts.output) / "kept_units.png")
+    card = model_card(json.loads(res.plan.to_json()), folder_name=name, command=command_line("gqaprune prune", opts),
+                      per_layer=is_per_layer(pruned), ppl_before=res.ppl_before, ppl_after=res.ppl_after)
     save_checkpoint(pruned, tok, opts.output, overwrite=opts.overwrite, kind="prune", flag="--output",
                     extra_files={"prune_plan.json": res.plan.to_json(),
                                  "prune_summary.json": json.dumps(res.to_dict(), indent=2, default=str),
-                                 "kept_units.png": kept_units_png(res.plan, f"{opts.model} -> "
-                                                                            f"{Path(opts.output).name}")})
+                                 "kept_units.png": kept_units_png(res.plan, f"{opts.model} -> {name}"),
+                                 "README.md": card})
 
 
 # ------------------------------------------------------------------------------------------ the command

@@ -19,6 +19,10 @@ from gqaprune.prune.compensate import TARGETS as COMPENSATE_TARGETS
 from gqaprune.prune.plan import LAYOUTS
 from gqaprune.prune.score import CRITERIA
 
+# MLP widths in multiples of this run near full speed in GPU matmul kernels (tensor-core tiles);
+# measured in benchmarks/results/gpu_llama3_8b_shape.md
+GPU_MLP_MULTIPLE = 128
+
 def _at_least(obj, minimum, *names: str) -> None:
     for name in names:
         v = getattr(obj, name)
@@ -37,7 +41,8 @@ class BudgetArgs(Args):
     keep_first: int = opt(0, "leave the first K layers unpruned (LLM-Pruner's default protects 4)")
     keep_last: int = opt(0, "leave the last K layers unpruned (LLM-Pruner's default protects 2)")
     min_mlp: int = opt(1, "every layer keeps at least this many MLP channels")
-    round_mlp_to: int | None = opt(None, "keep a multiple of M MLP channels per layer (hardware-friendly widths)")
+    round_mlp_to: int | None = opt(None, "keep a multiple of M MLP channels per layer, for fast GPU kernels "
+                                         "(default: 128 when pruning on a GPU, unrounded on CPU; 1 = unrounded)")
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -172,6 +177,12 @@ class PruneOptions(BudgetArgs, CriterionArgs, LayoutArgs, QualityArgs, Calibrati
 
     def __post_init__(self) -> None:
         super().__post_init__()
+        if self.round_mlp_to is None and self.plan is None:   # the default that fits the device
+            from gqaprune.models.io import resolve_device
+
+            self.round_mlp_to = GPU_MLP_MULTIPLE if resolve_device(self.device).type == "cuda" else None
+        elif self.round_mlp_to == 1:
+            self.round_mlp_to = None   # unrounded, asked for explicitly
         if self.allocation != "scores" and self.layout != "per-layer" and self.plan is None:
             raise GQAPruneError(f"--allocation {self.allocation} sets per-layer budgets: use it with --layout "
                                 "per-layer")

@@ -198,7 +198,9 @@ def finish_plan(layout: ModelLayout, kv_keep: list[list[int]], mlp_keep: list[li
     after = layout.params_with([len(g) for g in kv_keep], [len(c) for c in mlp_keep])
     prov = dict(provenance or {})
     prov.update({"params_before": layout.total_params, "params_after": after,
-                 "reduction": 1 - after / layout.total_params, **target.provenance(layout, round_mlp_to)})
+                 "reduction": 1 - after / layout.total_params, **target.provenance(layout, round_mlp_to),
+                 # what unit granularity (and --round-mlp-to) costs against the budget: + = more kept than asked
+                 "params_vs_target": after - (layout.total_params - target.removed)})
     return PrunePlan(layout=layout_kind, kv_groups=[sorted(g) for g in kv_keep],
                      mlp_channels=[sorted(c) for c in mlp_keep], source_shape=source_shape(layout), provenance=prov)
 

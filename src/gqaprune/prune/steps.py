@@ -152,6 +152,11 @@ def notes_for(plan: PrunePlan) -> list[str]:
 
     prov, out = plan.provenance, []
     multi = prov.get("steps", 1) > 1
+    if prov.get("round_mlp_to") and prov["round_mlp_to"] > 1 and "params_vs_target" in prov:
+        d = prov["params_vs_target"]
+        out.append(f"MLP widths are multiples of {prov['round_mlp_to']}: {abs(d):,} parameters "
+                   f"{'more' if d >= 0 else 'fewer'} kept than the target ({d / prov['params_before']:+.2%} of the "
+                   "model)")
     if multi:
         sizes = [f"{x['params_after']:,}" for x in prov.get("step_log", []) if "params_after" in x]
         out.append(f"iterative: {prov['steps']} steps, re-scored between steps; parameters after each: "

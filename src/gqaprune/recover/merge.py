@@ -199,8 +199,24 @@ def save_merged(merged, tokenizer, opts: MergeOptions, result: MergeResult, adap
     summary = lora / "finetune_summary.json"
     if summary.is_file():
         info["finetune_summary"] = json.loads(summary.read_text())
+    extra = {MERGE_INFO: json.dumps(info, indent=2, default=str)}
+    if plan is not None:
+        from gqaprune.models.card import model_card
+        from gqaprune.options import command_line
+
+        ft = info.get("finetune_summary") or {}
+        note = ["## Recovery", "", f"LoRA adapter `{lora.name}` merged into the pruned base `{base_dir.name}` "
+                f"({result.n_merged_modules} modules; merged vs adapter logits max |diff| {result.max_abs_diff:.3g}, "
+                f"tolerance {result.tolerance:.3g})."]
+        if ft:
+            note.append(f"Fine-tuning: {ft.get('global_step')} optimizer steps, {ft.get('train_tokens', 0):,} tokens, "
+                        f"status {ft.get('status')}.")
+        after = list((ft.get("ppl_after") or {}).values())
+        extra["README.md"] = model_card(plan, folder_name=Path(opts.output_dir).name, per_layer=result.per_layer,
+                                        command=command_line("gqaprune merge", opts), ppl_after=after,
+                                        title="pruned, LoRA-recovered and merged", extra=note)
     save_checkpoint(merged, tokenizer, opts.output_dir, plan=plan, overwrite=opts.overwrite, kind="merge",
-                    flag="--output_dir", extra_files={MERGE_INFO: json.dumps(info, indent=2, default=str)})
+                    flag="--output_dir", extra_files=extra)
 
 
 __all__ = ["MergeOptions", "MergeResult", "merge", "merge_and_save_lora", "check_adapter_matches"]
