@@ -6,7 +6,8 @@ checkpoint without ``trust_remote_code``.
 """
 
 from gqaprune.errors import GQAPruneError
-from gqaprune.models import pruned_llama as _pruned_llama  # noqa: F401  (registers Auto classes)
+from gqaprune.models import pruned_deci as _pruned_deci  # noqa: F401  (registers Auto classes)
+from gqaprune.models import pruned_llama as _pruned_llama  # noqa: F401
 
 __version__ = "0.1.0"
 __all__ = ["GQAPruneError", "__version__"]

@@ -45,7 +45,14 @@ def cmd_prune(ns) -> int:
         con.print(f"[bold]PPL[/]        before {ppl_line(before)}")
         con.print(f"           after  {ppl_line(after)}  ({after['ppl'] / before['ppl']:.2f}x)")
     if res.output:
-        con.print(f"[bold]saved[/]      {res.output}/ (safetensors, config, tokenizer, prune_plan.json, kept_units.png)")
+        con.print(f"[bold]saved[/]      {res.output}/ (safetensors, config, tokenizer, prune_plan.json, kept_units.png, "
+                  "README.md model card)")
+    per_layer = not plan.is_uniform()
+    con.print("[bold]serve[/]      " + (
+        "per-layer shapes: transformers (trust_remote_code) and llama.cpp / Ollama (gqaprune export --format gguf); "
+        "stock vLLM cannot serve them (its per-layer model keeps the query heads global): use --layout uniform for "
+        "vLLM" if per_layer else "uniform shapes: stock transformers, vLLM and llama.cpp (gqaprune export --format "
+        "gguf) load it as it is"))
     if opts.plan is None and not opts.compensate and opts.criterion == "taylor" and opts.layout == "uniform":
         con.print("[dim]tip: for better one-shot quality see the README's 'Best one-shot quality' recipe "
                   "(measured in benchmarks/results/ablation_smollm2.md)[/]")

@@ -38,12 +38,22 @@ def _export(src, out, *extra):
     assert not list(out.parent.glob(f".{out.name}.tmp-*"))
 
 
-@pytest.mark.parametrize("kind", ["uniform", "per-layer", "per-layer-middle-differs"])
+@pytest.mark.parametrize("kind", ["uniform", "per-layer", "per-layer-middle-differs", "rope-theta", "llama3-rope"])
 def test_llama_cpp_logits_equal_transformers_in_f32(tmp_path, kind):
     from gqaprune.bench import llamacpp
 
     if kind == "uniform":
         src = save_dense(tmp_path / "m")
+    elif kind in ("rope-theta", "llama3-rope"):   # transformers 5 writes these as rope_parameters
+        from helpers import make_tiny_model, make_tokenizer
+
+        rp = {"rope_type": "default", "rope_theta": 100000.0} if kind == "rope-theta" else {
+            "rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0, "low_freq_factor": 1.0,
+            "high_freq_factor": 4.0, "original_max_position_embeddings": 64}
+        m = make_tiny_model(rope_parameters=rp)
+        src = tmp_path / "m"
+        m.save_pretrained(src)
+        make_tokenizer().save_pretrained(src)
     elif kind == "per-layer":
         src = save_per_layer(tmp_path / "m", kv=(1, 2), inter=(48, 128))
     else:   # a layer whose KV groups differ from both neighbours

@@ -36,6 +36,7 @@ import contextlib
 import dataclasses
 import json
 import logging
+import os
 import platform
 import statistics
 from dataclasses import dataclass, field
@@ -54,6 +55,8 @@ from gqaprune.options import ModelArgs, opt
 
 log = logging.getLogger(__name__)
 
+ENGINES = ("hf", "llama.cpp")
+
 
 @dataclass
 class BenchOptions(ModelArgs):
@@ -66,7 +69,9 @@ class BenchOptions(ModelArgs):
     batch_sizes: list[int] = opt(help="batch sizes to measure", factory=lambda: [1, 16])
     repeats: int = opt(5, "timed runs per model and batch size; the median is reported")
     warmup: int = opt(1, "untimed runs per model and batch size before timing (the last one measures memory)")
-    threads: int | None = opt(None, "CPU threads for torch (default: torch's own choice)")
+    engine: str = opt("hf", "hf: transformers models (any reference); llama.cpp: .gguf files through "
+                      "llama-cpp-python, batch 1", choices=ENGINES)
+    threads: int | None = opt(None, "CPU threads (torch's, or llama.cpp's; default: torch's own choice / all cores)")
     attn_implementation: str | None = opt(None, "attention kernel to load models with (sdpa, eager, ...)")
     seed: int = opt(0, "seed of the random prompt token ids")
     output: str | None = opt(None, "write the results to OUT.json and OUT.md (give either suffix)")
@@ -85,6 +90,14 @@ class BenchOptions(ModelArgs):
             raise GQAPruneError(f"--warmup {self.warmup}: must be at least 1 (the last warm-up run measures memory)")
         if self.threads is not None and self.threads < 1:
             raise GQAPruneError(f"--threads {self.threads}: must be at least 1")
+        if self.engine == "llama.cpp":
+            if self.batch_sizes != [1]:
+                raise GQAPruneError(f"--batch-sizes {self.batch_sizes}: the llama.cpp engine measures batch 1 "
+                                    "(one sequence, as a chat server runs it); pass --batch-sizes 1")
+            bad = [m for m in self.models if not str(m).endswith(".gguf")]
+            if bad:
+                raise GQAPruneError(f"--models {','.join(bad)}: the llama.cpp engine takes .gguf files; make them "
+                                    "with gqaprune export")
 
 
 @dataclass
@@ -101,7 +114,7 @@ class BenchRow:
     decode_s: float                  # median over repeats, for new_tokens steps
     prefill_tok_s: float
     decode_tok_s: float
-    peak_mem_bytes: int              # weights + peak_extra_bytes
+    peak_mem_bytes: int              # weights + peak_extra_bytes (llama.cpp: weights only, extra not measured)
     peak_extra_bytes: int            # activations, KV cache, logits, workspace
     mem_method: str
     flops_prefill_per_token: float
@@ -112,6 +125,8 @@ class BenchRow:
     decode_speedup: float = 1.0
     prefill_efficiency: float = 1.0   # prefill_speedup * flops_ratio_prefill
     decode_efficiency: float = 1.0
+    bytes_ratio: float = 1.0          # weight bytes / baseline's: the bound of a memory-bound decode's speedup
+    decode_bytes_efficiency: float = 1.0   # decode_speedup * bytes_ratio (1.0 = decode scales with bytes read)
     device: str = "cpu"
     dtype: str = "float32"
     prefill_times: list[float] = field(default_factory=list)
@@ -204,11 +219,13 @@ def _measure_batch(batch: int, names, models, vocab: int, opts: BenchOptions, ba
     return {name: (*peak[name], *times[name]) for name in names}
 
 
-def _row(name: str, m, shape, batch: int, measured, opts: BenchOptions) -> BenchRow:
+def _row(name: str, m, shape, batch: int, measured, opts: BenchOptions, *, device: str | None = None,
+         dtype: str | None = None, wbytes: int | None = None) -> BenchRow:
     extra, method, pre, dec = measured
-    dev, dt = _model_device_dtype(m)
+    if m is not None:
+        dev, dt = _model_device_dtype(m)
+        device, dtype, wbytes = str(dev), str(dt).replace("torch.", ""), _weights_bytes(m)
     t_pre, t_dec = statistics.median(pre), statistics.median(dec)
-    wbytes = _weights_bytes(m)
     return BenchRow(
         model=name, batch=batch, prompt_len=opts.prompt_len, new_tokens=opts.new_tokens,
         params=shape.params, weights_bytes=wbytes, prefill_s=t_pre, decode_s=t_dec,
@@ -216,7 +233,7 @@ def _row(name: str, m, shape, batch: int, measured, opts: BenchOptions) -> Bench
         peak_mem_bytes=wbytes + extra, peak_extra_bytes=extra, mem_method=method,
         flops_prefill_per_token=shape.flops_per_token("prefill", opts.prompt_len, opts.new_tokens),
         flops_decode_per_token=shape.flops_per_token("decode", opts.prompt_len, opts.new_tokens),
-        device=str(dev), dtype=str(dt).replace("torch.", ""), prefill_times=pre, decode_times=dec)
+        device=device, dtype=dtype, prefill_times=pre, decode_times=dec)
 
 
 def bench_models(named_models: Iterable[tuple[str, torch.nn.Module]], opts: BenchOptions) -> BenchResult:
@@ -257,6 +274,56 @@ def bench_models(named_models: Iterable[tuple[str, torch.nn.Module]], opts: Benc
     return BenchResult(rows, meta)
 
 
+def bench_gguf(opts: BenchOptions) -> BenchResult:
+    """The llama.cpp engine: each GGUF at batch 1, models taking turns per repeat (bench/llamacpp.py)."""
+    import llama_cpp
+
+    from gqaprune.bench import llamacpp
+    from gqaprune.bench.flops import gguf_shape
+
+    names = _unique_names(list(opts.models))
+    threads = opts.threads or os.cpu_count() or 1
+    llms = [llamacpp.load(m, n_ctx=opts.prompt_len + opts.new_tokens + 8, threads=threads, f32_cache=False,
+                          logits_all=False) for m in opts.models]
+    runs = [([], []) for _ in llms]
+    for rep in range(opts.repeats):
+        for (pre, dec), llm in zip(runs, llms):
+            s = llamacpp.speed(llm, prompt_len=opts.prompt_len, new_tokens=opts.new_tokens, repeats=1,
+                               warmup=opts.warmup if rep == 0 else 0, seed=opts.seed + rep)
+            pre += s.prefill_times
+            dec += s.decode_times
+    for llm in llms:
+        llm.close()   # now, not in __del__ at interpreter exit (llama-cpp-python then fails noisily)
+    rows = []
+    for name, path, (pre, dec) in zip(names, opts.models, runs):
+        shape = gguf_shape(path)
+        wbytes = _gguf_bytes(path)
+        rows.append(_row(name, None, shape, 1, (0, "not measured (llama.cpp engine)", pre, dec), opts,
+                         device=f"cpu, llama.cpp {threads} threads", dtype=_gguf_type(path), wbytes=wbytes))
+    _fill_ratios(rows, names[0])
+    meta = {"date": datetime.now(timezone.utc).isoformat(timespec="seconds"), "engine": "llama.cpp",
+            "llama_cpp_python": llama_cpp.__version__, "threads": threads, "baseline": names[0], "models": names,
+            "prompt_len": opts.prompt_len, "new_tokens": opts.new_tokens, "batch_sizes": [1], "repeats": opts.repeats,
+            "warmup": opts.warmup, "device": "cpu", "processor": platform.processor() or platform.machine(),
+            "cpu_threads": threads, "dtype": "per model", "torch": torch.__version__, "transformers": "-"}
+    return BenchResult(rows, meta)
+
+
+def _gguf_bytes(path) -> int:
+    from gguf import GGUFReader
+
+    return int(sum(t.n_bytes for t in GGUFReader(str(path)).tensors))
+
+
+def _gguf_type(path) -> str:
+    from gguf import GGUFReader
+
+    types = {}
+    for t in GGUFReader(str(path)).tensors:
+        types[t.tensor_type.name] = types.get(t.tensor_type.name, 0) + int(t.n_bytes)
+    return max(types, key=types.get)   # the type holding most of the bytes
+
+
 def _unique_names(names: list[str]) -> list[str]:
     out, seen = [], {}
     for n in names:
@@ -275,6 +342,8 @@ def _fill_ratios(rows: list[BenchRow], baseline: str) -> None:
         r.decode_speedup = r.decode_tok_s / b.decode_tok_s
         r.prefill_efficiency = r.prefill_speedup * r.flops_ratio_prefill
         r.decode_efficiency = r.decode_speedup * r.flops_ratio_decode
+        r.bytes_ratio = r.weights_bytes / b.weights_bytes
+        r.decode_bytes_efficiency = r.decode_speedup * r.bytes_ratio
 
 
 def _meta(opts: BenchOptions, names: list[str], models: list) -> dict[str, Any]:
@@ -318,6 +387,11 @@ def bench(opts: BenchOptions) -> BenchResult:
                             "e.g. --models smollm2-135m,out/pruned")
     for ref in opts.models:
         resolve_model_ref(ref, "--models")   # every reference is checked before the first is loaded
+    if opts.engine == "llama.cpp":
+        result = bench_gguf(opts)
+        if opts.output:
+            result.save(opts.output)
+        return result
     named = []
     for ref in opts.models:
         model, _ = load_model(ref, dtype=opts.dtype, device=opts.device, allow_pickle=opts.allow_pickle,

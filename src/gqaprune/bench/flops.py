@@ -65,3 +65,21 @@ def model_shape(model: torch.nn.Module) -> ModelShape:
     head_mm = head.weight.numel() if head is not None else 0
     params = sum(p.numel() for p in model.parameters())  # parameters() yields a tied weight once
     return ModelShape(params, layer_mm, head_mm, attn_width, len(layers))
+
+
+def gguf_shape(path) -> ModelShape:
+    """The same counts read from a GGUF file's tensors (llama.cpp engine): blk.* matrices, the output head
+    (token_embd when the embeddings are tied), query heads x key_length per layer."""
+    from gguf import GGUFReader
+
+    r = GGUFReader(str(path))
+    arch = r.fields["general.architecture"].contents()
+    heads = r.fields[f"{arch}.attention.head_count"].contents()
+    n_layers = int(r.fields[f"{arch}.block_count"].contents())
+    heads = list(heads) if isinstance(heads, list) else [heads] * n_layers
+    d = int(r.fields[f"{arch}.attention.key_length"].contents())
+    size = {t.name: int(t.n_elements) for t in r.tensors}
+    layer_mm = sum(int(t.n_elements) for t in r.tensors if t.name.startswith("blk.") and len(t.shape) == 2)
+    head_mm = size.get("output.weight", size.get("token_embd.weight", 0))
+    params = sum(size.values())
+    return ModelShape(params, layer_mm, head_mm, sum(int(h) * d for h in heads), n_layers)

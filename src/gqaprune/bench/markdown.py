@@ -37,14 +37,16 @@ def to_markdown(rows: Sequence, meta: dict[str, Any] | None = None) -> str:
         lines.append("")
     header = ["model", "params", "batch", "prefill tok/s", "decode tok/s", "peak mem",
               "FLOPs ratio prefill", "FLOPs ratio decode", "prefill speedup", "decode speedup",
-              "prefill speedup / FLOPs speedup", "decode speedup / FLOPs speedup"]
+              "prefill speedup / FLOPs speedup", "decode speedup / FLOPs speedup", "bytes ratio",
+              "decode speedup / bytes speedup"]
     lines.append("| " + " | ".join(header) + " |")
     lines.append("|" + "|".join(["---"] + ["---:"] * (len(header) - 1)) + "|")
     for r in sorted(rows, key=lambda r: r.batch):
         cells = [r.model, _fmt_count(r.params), str(r.batch), _fmt_rate(r.prefill_tok_s), _fmt_rate(r.decode_tok_s),
                  _fmt_bytes(r.peak_mem_bytes), f"{r.flops_ratio_prefill:.3f}", f"{r.flops_ratio_decode:.3f}",
                  f"{r.prefill_speedup:.2f}x", f"{r.decode_speedup:.2f}x",
-                 f"{r.prefill_efficiency:.2f}", f"{r.decode_efficiency:.2f}"]
+                 f"{r.prefill_efficiency:.2f}", f"{r.decode_efficiency:.2f}", f"{r.bytes_ratio:.3f}",
+                 f"{r.decode_bytes_efficiency:.2f}"]
         lines.append("| " + " | ".join(cells) + " |")
     methods = sorted({r.mem_method for r in rows})
     lines += [
@@ -52,7 +54,9 @@ def to_markdown(rows: Sequence, meta: dict[str, Any] | None = None) -> str:
         "FLOPs ratio = analytical FLOPs per token of the model / the baseline's "
         "(prefill = 2·M_layers + 2·M_head/P + 4·A·(P+1)/2; decode = 2·M_layers + 2·M_head + 4·A·(P+(N+1)/2); "
         "M = matmul weights, A = Σ layers query heads × head_dim). "
-        "FLOPs speedup = 1 / FLOPs ratio; the last two columns are 1.00 when speed scales exactly with FLOPs.",
+        "FLOPs speedup = 1 / FLOPs ratio; the speedup / FLOPs-speedup columns are 1.00 when speed scales exactly "
+        "with FLOPs. Bytes ratio = the model's weight bytes / the baseline's: decode streams every weight once per "
+        "step, so when it is memory-bound its speedup is bounded by 1 / bytes ratio (last column 1.00 = reached).",
         f"Peak mem = the model's weights + peak extra memory of one prefill + decode run ({', '.join(methods)}).",
         "",
     ]

@@ -52,7 +52,7 @@ log = logging.getLogger(__name__)
 OUTTYPES = ("f32", "f16", "bf16", "q8_0")
 FORMATS = ("gguf",)
 GQAPRUNE_KEY = "gqaprune.version"   # marks a GGUF this tool wrote (only those may be overwritten)
-_SUPPORTED = ("llama", "mistral", "gqapruned_llama")
+_SUPPORTED = ("llama", "mistral", "gqapruned_llama", "nemotron-nas")
 
 
 @dataclass
@@ -214,12 +214,21 @@ def layer_shapes(cfg: dict, t: _Tensors) -> dict:
     return out
 
 
+def rope(cfg: dict) -> tuple[float, dict]:
+    """(rope theta, scaling parameters) from a config.json in either spelling: transformers 5's
+    ``rope_parameters`` (theta and scaling in one dict) or 4.x's ``rope_theta`` + ``rope_scaling``."""
+    params = dict(cfg.get("rope_parameters") or {})
+    theta = float(params.get("rope_theta", cfg.get("rope_theta", 10000.0)))
+    scaling = dict(cfg.get("rope_scaling") or {}) or {k: v for k, v in params.items() if k != "rope_theta"}
+    kind = str(scaling.get("rope_type", scaling.get("type", "default"))).lower()
+    return theta, ({} if kind == "default" else scaling)
+
+
 def llama3_rope_freqs(cfg: dict, dim: int) -> np.ndarray | None:
     """Llama-3's RoPE scaling as llama.cpp takes it: one divisor per frequency (``rope_freqs``), or None."""
-    rs = cfg.get("rope_scaling") or {}
+    base, rs = rope(cfg)
     if str(rs.get("rope_type", rs.get("type", ""))).lower() != "llama3":
         return None
-    base = float(cfg.get("rope_theta", 10000.0))
     factor, lo, hi = float(rs.get("factor", 8.0)), float(rs.get("low_freq_factor", 1.0)), float(
         rs.get("high_freq_factor", 4.0))
     old = float(rs.get("original_max_position_embeddings", cfg.get("original_max_position_embeddings", 8192)))
@@ -276,8 +285,8 @@ def _metadata(writer, cfg: dict, arch: str, shapes: dict, d: int, vocab_size: in
     writer.add_key_length(d)
     writer.add_value_length(d)
     writer.add_rope_dimension_count(d)
-    writer.add_rope_freq_base(float(cfg.get("rope_theta", 10000.0)))
-    rs = cfg.get("rope_scaling") or {}
+    theta, rs = rope(cfg)
+    writer.add_rope_freq_base(theta)
     kind = str(rs.get("rope_type", rs.get("type", ""))).lower() if rs else ""
     if kind == "linear":
         from gguf import RopeScalingType

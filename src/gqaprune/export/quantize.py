@@ -25,13 +25,21 @@ def check_type(name: str) -> None:
         raise GQAPruneError(f"--quantize {name}: unknown; choose one of {', '.join(TYPES)}")
 
 
+_QUIET = None   # the log callback handed to llama.cpp; kept alive here for as long as llama.cpp may call it
+
+
 def llama_cpp():
-    """The llama_cpp module, or a message that says how to install it."""
+    """The llama_cpp module with llama.cpp's own logging off (it prints every tensor it loads or quantizes to the
+    terminal), or a message that says how to install it."""
+    global _QUIET
     try:
         import llama_cpp
     except ImportError as e:
-        raise GQAPruneError(f"--quantize needs llama-cpp-python, which is not installed ({e}). Install it with: "
+        raise GQAPruneError(f"this needs llama-cpp-python, which is not installed ({e}). Install it with: "
                             f"{INSTALL}") from e
+    if _QUIET is None:
+        _QUIET = llama_cpp.llama_log_callback(lambda level, text, user_data: None)
+        llama_cpp.llama_log_set(_QUIET, None)
     return llama_cpp
 
 

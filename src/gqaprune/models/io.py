@@ -34,9 +34,16 @@ ALIASES = {
 }
 # Architectures whose math is Llama's: our own per-layer class, and Mistral, which
 # gqaprune writes for uniform checkpoints whose head count does not divide hidden_size.
-SUPPORTED_MODEL_TYPES = ("llama", "mistral", "gqapruned_llama")
+SUPPORTED_MODEL_TYPES = ("llama", "mistral", "gqapruned_llama", "nemotron-nas")
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl")
-REMOTE_CODE_FILE = "gqapruned_llama.py"
+# the per-layer classes gqaprune ships: model_type -> (module, file name in the checkpoint, config / model /
+# causal-LM class names for auto_map); the module is copied into every checkpoint of that type
+REMOTE_CODE = {
+    "gqapruned_llama": ("gqaprune.models.pruned_llama", "gqapruned_llama.py",
+                        ("GQAPrunedLlamaConfig", "GQAPrunedLlamaModel", "GQAPrunedLlamaForCausalLM")),
+    "nemotron-nas": ("gqaprune.models.pruned_deci", "gqapruned_deci.py",
+                     ("GQAPrunedDeciConfig", "GQAPrunedDeciModel", "GQAPrunedDeciForCausalLM")),
+}
 
 
 @dataclass(frozen=True)
@@ -206,7 +213,8 @@ def load_model(ref: str, *, dtype=None, device=None, allow_pickle: bool = False,
     """
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
-    import gqaprune.models.pruned_llama  # noqa: F401  (register the per-layer class)
+    import gqaprune.models.pruned_deci  # noqa: F401  (register the per-layer classes)
+    import gqaprune.models.pruned_llama  # noqa: F401
 
     mref = resolve_model_ref(ref, flag)
     dev = resolve_device(device)
@@ -274,7 +282,8 @@ def _load_legacy_pickle(mref: ModelRef, allow_pickle: bool, flag: str):
 
 
 def is_per_layer(model) -> bool:
-    return getattr(model.config, "model_type", None) == "gqapruned_llama"
+    """Whether the model's shape varies by layer (one of gqaprune's own classes, written with its code)."""
+    return getattr(model.config, "model_type", None) in REMOTE_CODE
 
 
 def saved_dtype(folder: str | Path) -> torch.dtype | None:
@@ -298,17 +307,16 @@ def save_checkpoint(model, tokenizer, out_dir, *, plan: dict | None = None, over
     anywhere); the manifest lists them all.
     """
     def fill(tmp: Path) -> None:
-        if is_per_layer(model):
-            model.config.auto_map = {
-                "AutoConfig": f"{REMOTE_CODE_FILE[:-3]}.GQAPrunedLlamaConfig",
-                "AutoModel": f"{REMOTE_CODE_FILE[:-3]}.GQAPrunedLlamaModel",
-                "AutoModelForCausalLM": f"{REMOTE_CODE_FILE[:-3]}.GQAPrunedLlamaForCausalLM",
-            }
+        code = REMOTE_CODE.get(getattr(model.config, "model_type", None))
+        if code is not None:
+            module, fname, classes = code
+            model.config.auto_map = {k: f"{fname[:-3]}.{c}" for k, c in
+                                     zip(("AutoConfig", "AutoModel", "AutoModelForCausalLM"), classes)}
         model.save_pretrained(tmp)
-        if is_per_layer(model):
-            import gqaprune.models.pruned_llama as pl
+        if code is not None:
+            import importlib
 
-            shutil.copyfile(pl.__file__, tmp / REMOTE_CODE_FILE)
+            shutil.copyfile(importlib.import_module(module).__file__, tmp / fname)
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
         if plan is not None:

@@ -153,8 +153,16 @@ def _too_much(layout: ModelLayout, removed: int, n_pruned: int, min_mlp: int) ->
             "or unprotect layers (--keep-first/--keep-last).")
 
 
-def per_layer_counts(layout, scores, removed, pruned, min_mlp, round_mlp_to, weights=None, kv_fraction=None):
-    """Global totals split like the uniform case, then assigned by per-layer-normalised scores."""
+def per_layer_counts(layout, scores, removed, pruned, min_mlp, round_mlp_to, weights=None, kv_fraction=None,
+                     mlp_only: bool = False):
+    """Global totals split like the uniform case, then assigned by per-layer-normalised scores.
+
+    ``mlp_only`` (the ``per-layer-mlp`` layout): every pruned layer loses the uniform layout's KV
+    groups; only the MLP channels are spread over the layers.
+    """
+    if mlp_only:
+        k, m_tot = _mlp_only_totals(layout, removed, pruned, min_mlp, kv_fraction)
+        return {i: k for i in pruned}, _mlp_counts(layout, scores, m_tot, pruned, min_mlp, round_mlp_to, weights)
     A, M = layout.group_params, layout.channel_params
     n_kv_all = sum(layout.layers[i].n_kv for i in pruned)
     n_mlp_all = sum(layout.layers[i].n_mlp for i in pruned)
@@ -174,21 +182,54 @@ def per_layer_counts(layout, scores, removed, pruned, min_mlp, round_mlp_to, wei
     if best is None:
         raise GQAPruneError(_too_much(layout, removed, len(pruned), min_mlp))
     _, k_tot, m_tot = best
-    sizes = {"kv": {i: layout.layers[i].n_kv for i in pruned}, "mlp": {i: layout.layers[i].n_mlp for i in pruned}}
-    floors = {"kv": {i: 1 for i in pruned}, "mlp": {i: max(min_mlp, 1) for i in pruned}}
+    sizes = {"kv": {i: layout.layers[i].n_kv for i in pruned}}
+    floors = {"kv": {i: 1 for i in pruned}}
     if weights:
         kv_rm = _assign_by_weights(sizes["kv"], floors["kv"], k_tot, weights)
-        mlp_rm = _assign_by_weights(sizes["mlp"], floors["mlp"], m_tot, weights)
     else:
         kv_rm = _assign_global(scores, "kv", pruned, k_tot, floors["kv"])
-        mlp_rm = _assign_global(scores, "mlp", pruned, m_tot, floors["mlp"])
+    return kv_rm, _mlp_counts(layout, scores, m_tot, pruned, min_mlp, round_mlp_to, weights)
+
+
+def _mlp_only_totals(layout, removed, pruned, min_mlp, kv_fraction) -> tuple[int, int]:
+    """(KV groups every pruned layer loses, MLP channels all of them lose together), balanced as the uniform
+    split is; the layers must share one KV count."""
+    n_kv = {layout.layers[i].n_kv for i in pruned}
+    if len(n_kv) != 1:
+        raise GQAPruneError("--layout per-layer-mlp keeps the same KV groups in every layer: the pruned layers of "
+                            f"this model already differ in KV heads ({sorted(n_kv)}); use --layout per-layer")
+    n_kv = n_kv.pop()
+    A, M, L = layout.group_params, layout.channel_params, len(pruned)
+    n_mlp_all = sum(layout.layers[i].n_mlp for i in pruned)
+    mlp_cap = sum(layout.layers[i].n_mlp - max(min_mlp, 1) for i in pruned)
+    best = None
+    for k in (range(n_kv) if kv_fraction is None else [round(kv_fraction * n_kv)]):
+        m = round((removed - k * L * A) / M)
+        if not (0 <= k < n_kv and 0 <= m <= mlp_cap):
+            continue
+        key = (abs(k / n_kv - m / n_mlp_all), abs(k * L * A + m * M - removed))
+        if best is None or key < best[0]:
+            best = (key, k, m)
+    if best is None:
+        raise GQAPruneError(_too_much(layout, removed, L, min_mlp))
+    return best[1], best[2]
+
+
+def _mlp_counts(layout, scores, m_tot, pruned, min_mlp, round_mlp_to, weights) -> dict:
+    """MLP channels each pruned layer loses: ``m_tot`` spread by weights or scores, widths then rounded."""
+    sizes = {i: layout.layers[i].n_mlp for i in pruned}
+    floors = {i: max(min_mlp, 1) for i in pruned}
+    if weights:
+        mlp_rm = _assign_by_weights(sizes, floors, m_tot, weights)
+    else:
+        mlp_rm = _assign_global(scores, "mlp", pruned, m_tot, floors)
     if round_mlp_to and round_mlp_to > 1:
-        for i in pruned:
+        for i in pruned:   # every pruned layer's width a multiple of M (at most the largest multiple <= its width)
             n = layout.layers[i].n_mlp
             kept = n - mlp_rm[i]
-            kept = min(n, max(round_mlp_to, round_mlp_to * round(kept / round_mlp_to)))
+            kept = min((n - n % round_mlp_to) or n, max(round_mlp_to, round_mlp_to * round(kept / round_mlp_to)))
             mlp_rm[i] = n - kept
-    return kv_rm, mlp_rm
+    return mlp_rm
 
 
 def _assign_by_weights(sizes: dict, floors: dict, total: int, weights: dict) -> dict:

@@ -16,7 +16,8 @@ from gqaprune.prune.allocate import ALLOCATIONS, SPLITS
 from gqaprune.prune.allocate.search import MOVES as SEARCH_MOVES
 from gqaprune.prune.budget import Budget
 from gqaprune.prune.compensate import TARGETS as COMPENSATE_TARGETS
-from gqaprune.prune.plan import LAYOUTS
+from gqaprune.models.pruned_deci import FFN_MULTIPLE as DECI_MULTIPLE
+from gqaprune.prune.plan import LAYOUTS, PER_LAYER
 from gqaprune.prune.score import CRITERIA
 
 # MLP widths in multiples of this run near full speed in GPU matmul kernels (tensor-core tiles);
@@ -76,7 +77,9 @@ class CriterionArgs(Args):
 class LayoutArgs(Args):
     GROUP = "layout and allocation"
     layout: str = opt("uniform", "uniform: same counts in every pruned layer (stock LlamaConfig); per-layer: counts "
-                      "vary by layer from globally ranked, per-layer-normalised scores", choices=LAYOUTS)
+                      "vary by layer from globally ranked, per-layer-normalised scores; per-layer-mlp: the same KV "
+                      "groups in every layer, MLP widths per layer, saved as DeciLM block_configs (vLLM serves it; "
+                      f"widths in multiples of {DECI_MULTIPLE})", choices=LAYOUTS)
     allocation: str = opt("scores", "per-layer layout: scores = per-layer-normalised scores; sensitivity = also "
                           "weight each layer by its measured calibration-loss rise when pruned alone; search = "
                           "start from sensitivity, then move channels/KV groups between layers while the "
@@ -177,15 +180,21 @@ class PruneOptions(BudgetArgs, CriterionArgs, LayoutArgs, QualityArgs, Calibrati
 
     def __post_init__(self) -> None:
         super().__post_init__()
+        if self.layout == "per-layer-mlp" and self.plan is None:   # DeciLM can only express multiples of 256
+            if self.round_mlp_to is None:
+                self.round_mlp_to = DECI_MULTIPLE
+            elif self.round_mlp_to % DECI_MULTIPLE:
+                raise GQAPruneError(f"--round-mlp-to {self.round_mlp_to}: --layout per-layer-mlp is saved in DeciLM's "
+                                    f"format, whose MLP widths are multiples of {DECI_MULTIPLE}; use a multiple of it")
         if self.round_mlp_to is None and self.plan is None:   # the default that fits the device
             from gqaprune.models.io import resolve_device
 
             self.round_mlp_to = GPU_MLP_MULTIPLE if resolve_device(self.device).type == "cuda" else None
         elif self.round_mlp_to == 1:
             self.round_mlp_to = None   # unrounded, asked for explicitly
-        if self.allocation != "scores" and self.layout != "per-layer" and self.plan is None:
+        if self.allocation != "scores" and self.layout not in PER_LAYER and self.plan is None:
             raise GQAPruneError(f"--allocation {self.allocation} sets per-layer budgets: use it with --layout "
-                                "per-layer")
+                                "per-layer or per-layer-mlp")
         if self.plan is not None and (self.steps > 1 or self.allocation != "scores" or self.split != "balanced"):
             raise GQAPruneError("--plan replays a saved plan: --steps, --allocation and --split only apply when "
                                 "scoring")

@@ -18,7 +18,10 @@ from gqaprune.errors import GQAPruneError
 from gqaprune.models.layout import ModelLayout
 from gqaprune.prune.budget import Target, per_layer_counts, solve_counts
 
-LAYOUTS = ("uniform", "per-layer")
+# uniform: the same counts in every pruned layer; per-layer: KV groups and MLP channels per layer;
+# per-layer-mlp: the same KV groups everywhere, MLP widths per layer (DeciLM block_configs: vLLM serves it)
+LAYOUTS = ("uniform", "per-layer", "per-layer-mlp")
+PER_LAYER = ("per-layer", "per-layer-mlp")
 PLAN_VERSION = 1
 
 
@@ -167,7 +170,7 @@ def make_plan(layout: ModelLayout, scores: list[dict], target: Target, *, layout
     """
     if layout_kind not in LAYOUTS:
         raise GQAPruneError(f"--layout {layout_kind}: choose one of {', '.join(LAYOUTS)}")
-    if layer_weights is not None and layout_kind != "per-layer":
+    if layer_weights is not None and layout_kind not in PER_LAYER:
         raise GQAPruneError("per-layer weights (--allocation sensitivity) need --layout per-layer: the uniform "
                             "layout removes the same counts from every layer")
     pruned = list(target.pruned)
@@ -177,7 +180,7 @@ def make_plan(layout: ModelLayout, scores: list[dict], target: Target, *, layout
         mlp_rm = {i: m for i in pruned}
     else:
         kv_rm, mlp_rm = per_layer_counts(layout, scores, target.removed, pruned, target.min_mlp, round_mlp_to,
-                                         layer_weights, kv_fraction)
+                                         layer_weights, kv_fraction, mlp_only=layout_kind == "per-layer-mlp")
     kv_keep, mlp_keep = [], []
     for i, (s, sc) in enumerate(zip(layout.layers, scores)):
         kv_keep.append(_top(sc["kv"], s.n_kv - kv_rm.get(i, 0)))

@@ -19,7 +19,7 @@ import torch
 from gqaprune.errors import GQAPruneError
 from gqaprune.models.layout import ModelLayout, model_layout
 from gqaprune.prune.budget import Budget, Target
-from gqaprune.prune.plan import PrunePlan, finish_plan, make_plan
+from gqaprune.prune.plan import PER_LAYER, PrunePlan, finish_plan, make_plan
 from gqaprune.prune.score import score_units
 from gqaprune.prune.surgery import apply_plan
 
@@ -111,7 +111,7 @@ def prune_model(model, opts, ids: torch.Tensor | None, *, scores: list[dict] | N
     if ids is None and opts.needs_calibration():
         raise GQAPruneError("internal: calibration ids are needed for these options")
     prov = dict(provenance or {})
-    prov.update({"steps": opts.steps, "allocation": opts.allocation if opts.layout == "per-layer" else None,
+    prov.update({"steps": opts.steps, "allocation": opts.allocation if opts.layout in PER_LAYER else None,
                  "split": opts.split})
     sens, weights, scores = _layer_weights(model, layout0, opts, ids, target, scores, sensitivity, progress)
     if sens is not None:

@@ -18,6 +18,8 @@ import logging
 import torch
 from torch import nn
 
+from gqaprune.errors import GQAPruneError
+
 from gqaprune.models.layout import decoder_layers, head_dim, kv_rows, model_layout, q_per_kv, q_rows
 from gqaprune.prune.plan import PrunePlan
 
@@ -25,7 +27,7 @@ log = logging.getLogger(__name__)
 
 # Config fields that describe the source file, not the architecture.
 _DROP = ("quantization_config", "auto_map", "architectures", "_name_or_path", "model_type", "transformers_version",
-         "kv_heads_per_layer", "intermediate_size_per_layer", "_commit_hash", "dtype", "torch_dtype")
+         "kv_heads_per_layer", "intermediate_size_per_layer", "block_configs", "_commit_hash", "dtype", "torch_dtype")
 
 
 def _slice_linear(lin: nn.Linear, rows: torch.Tensor | None = None, cols: torch.Tensor | None = None) -> nn.Linear:
@@ -63,8 +65,12 @@ def slice_in_place(model, plan: PrunePlan) -> None:
             mlp.intermediate_size = len(chans)
 
 
-def target_config(config, kv: list[int], mlp: list[int]):
-    """The config for a model whose layer i keeps ``kv[i]`` KV heads and ``mlp[i]`` channels."""
+def target_config(config, kv: list[int], mlp: list[int], layout: str = "uniform"):
+    """The config for a model whose layer i keeps ``kv[i]`` KV heads and ``mlp[i]`` channels.
+
+    ``layout`` ``per-layer-mlp`` with equal KV heads and varying MLP widths: DeciLM's ``block_configs``
+    (models/pruned_deci.py), which vLLM serves; every other varying shape: gqaprune's per-layer Llama.
+    """
     from transformers import LlamaConfig, MistralConfig
 
     from gqaprune.models.pruned_llama import GQAPrunedLlamaConfig
@@ -82,6 +88,8 @@ def target_config(config, kv: list[int], mlp: list[int]):
         kw = {k: v for k, v in src.items() if k in fields}
         kw["sliding_window"] = None
         return MistralConfig(**kw)
+    if layout == "per-layer-mlp" and len(set(kv)) == 1:
+        return _deci_config(src, kv[0], r, mlp)
     if getattr(config, "model_type", None) == "gqapruned_llama":
         base_heads, base_kv, base_mlp = config.num_attention_heads, config.num_key_value_heads, config.intermediate_size
     else:
@@ -90,6 +98,22 @@ def target_config(config, kv: list[int], mlp: list[int]):
     fields = set(GQAPrunedLlamaConfig.__dataclass_fields__)
     kw = {k: v for k, v in src.items() if k in fields}
     return GQAPrunedLlamaConfig(**kw, kv_heads_per_layer=list(kv), intermediate_size_per_layer=list(mlp))
+
+
+def _deci_config(src: dict, n_kv: int, r: int, mlp: list[int]):
+    from gqaprune.models.pruned_deci import GQAPrunedDeciConfig, block, width_to_ffn_mult
+
+    src = {k: v for k, v in src.items() if k != "block_configs"}
+    src.update(num_attention_heads=n_kv * r, num_key_value_heads=n_kv, intermediate_size=max(mlp))
+    fields = set(GQAPrunedDeciConfig.__dataclass_fields__)
+    kw = {k: v for k, v in src.items() if k in fields}
+    try:
+        blocks = [block(r, width_to_ffn_mult(w, src["hidden_size"])) for w in mlp]
+    except ValueError as e:
+        raise GQAPruneError(f"--layout per-layer-mlp: {e}; use --round-mlp-to 256 (or a multiple of it)") from e
+    cfg = GQAPrunedDeciConfig(**kw, block_configs=blocks)
+    cfg.architectures = ["DeciLMForCausalLM"]   # the name vLLM's registry serves (nemotron_nas.py)
+    return cfg
 
 
 def rebuild_as(model, config):
@@ -137,6 +161,6 @@ def rebuild_as(model, config):
 def apply_plan(model, plan: PrunePlan):
     """Slice ``model`` to ``plan`` (in place, freeing removed weights) and return the rebuilt model."""
     slice_in_place(model, plan)
-    cfg = target_config(model.config, plan.kept_kv, plan.kept_mlp)
+    cfg = target_config(model.config, plan.kept_kv, plan.kept_mlp, plan.layout)
     log.info("rebuilding as %s", type(cfg).__name__)
     return rebuild_as(model, cfg)

@@ -147,7 +147,7 @@ def _channels_for(excess: float, channel_params: int, step: int) -> int:
 
 
 def _moves(state: _State, pruned: list[int], delta: int, floor_mlp: int, rng: random.Random,
-           mixed: bool = False, target: int = 0, step: int = 1):
+           mixed: bool = False, target: int = 0, step: int = 1, kv: bool = True):
     """One random move: ('mlp'|'kv'|'kv>mlp'|'mlp>kv', layer a, layer b, amount) or None.
 
     'mlp' / 'kv': a gives up ``amount`` channels / one KV group, b gets as many back (exact).
@@ -162,8 +162,8 @@ def _moves(state: _State, pruned: list[int], delta: int, floor_mlp: int, rng: ra
         kinds.append("mlp")
     kv_donors = [i for i in pruned if lay.layers[i].n_kv - state.kv_rm[i] - 1 >= 1]
     kv_recv = [i for i in pruned if state.kv_rm[i] >= 1]
-    if kv_donors and kv_recv and (len(set(kv_donors) | set(kv_recv)) > 1):
-        kinds.append("kv")
+    if kv and kv_donors and kv_recv and (len(set(kv_donors) | set(kv_recv)) > 1):
+        kinds.append("kv")   # (the per-layer-mlp layout keeps the KV groups equal: no KV moves)
     cross = {}
     if mixed:
         now, A, M = _removed_params(state), lay.group_params, lay.channel_params
@@ -217,6 +217,10 @@ def search_allocation(model, layout: ModelLayout, scores: list[dict], plan: Prun
     """
     if moves not in MOVES:
         raise GQAPruneError(f"--search-moves {moves}: choose one of {', '.join(MOVES)}")
+    kv_moves = plan.layout != "per-layer-mlp"
+    if moves == "mixed" and not kv_moves:
+        raise GQAPruneError("--search-moves mixed trades KV groups, which --layout per-layer-mlp keeps equal in every "
+                            "layer; use --search-moves same")
     t0 = time.perf_counter()
     pruned = list(target.pruned)
     kv_rm = [s.n_kv - len(k) for s, k in zip(layout.layers, plan.kv_groups)]
@@ -243,7 +247,7 @@ def search_allocation(model, layout: ModelLayout, scores: list[dict], plan: Prun
         bar = tqdm(total=evaluations, desc="allocation search", disable=not progress, leave=False)
         while tried < evaluations:
             move = _moves(state, pruned, delta, floor_mlp, rng, mixed=moves == "mixed", target=removed_target,
-                           step=step)
+                           step=step, kv=kv_moves)
             if move is None:
                 break
             cand = _apply(state, move)
