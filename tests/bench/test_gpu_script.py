@@ -26,3 +26,23 @@ def test_gpu_script_tiny(tmp_path):
     assert {r["class"] for r in rep["prune"] if r["layout"] == "per-layer-mlp"} <= {"GQAPrunedDeciForCausalLM",
                                                                                   "LlamaForCausalLM"}
     assert "Taylor calibration" in out.with_suffix(".md").read_text()
+
+
+def test_gpu_vllm_script_is_ready_and_says_what_vllm_cannot_serve(tmp_path, capsys):
+    """benchmarks/gpu_vllm.py: without vllm it says what it needs (exit 2); it refuses per-layer folders as vLLM
+    would, and takes uniform and per-layer-mlp ones."""
+    import json as _json
+
+    spec = importlib.util.spec_from_file_location("gpu_vllm", REPO / "benchmarks" / "gpu_vllm.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    for mt, ok in (("gqapruned_llama", False), ("llama", True), ("mistral", True), ("nemotron-nas", True)):
+        d = tmp_path / mt
+        d.mkdir()
+        (d / "config.json").write_text(_json.dumps({"model_type": mt}))
+        assert (mod.servable(d) == "") is ok
+    try:
+        import vllm  # noqa: F401
+    except ImportError:
+        assert mod.main(["--dense", str(tmp_path / "llama"), "--models", str(tmp_path / "mistral")]) == 2
+        assert "needs vllm" in capsys.readouterr().err
