@@ -49,7 +49,7 @@ def parse_args(argv=None):
 def servable(folder: Path) -> str:
     """Why vLLM can serve the folder ('' when it can), from its config alone."""
     cfg = json.loads((folder / "config.json").read_text())
-    if cfg.get("model_type") == "gqapruned_llama":
+    if str(cfg.get("model_type", "")).startswith("gqapruned_"):
         return ("per-layer layout: query heads differ per layer, which vLLM's per-layer model (nemotron_nas.py) "
                 "cannot express; prune with --layout uniform or --layout per-layer-mlp")
     return ""

@@ -76,6 +76,41 @@ def make_tiny_model(seed: int = 0, **overrides):
     return model
 
 
+# family -> (transformers config class, overrides of FAMILY_BASE): tiny models of every supported family, each
+# with what makes its family differ (docs/architecture.md, "Families"): Mistral's sliding window, Qwen2's q/k/v
+# biases, Qwen3's q_proj wider than hidden and its q/k norms, Gemma's sandwich norms, soft-capping and
+# alternating sliding-window layers, Phi-3's fused qkv_proj / gate_up_proj
+FAMILY_BASE = dict(vocab_size=320, hidden_size=64, intermediate_size=96, num_hidden_layers=3, num_attention_heads=4,
+                   num_key_value_heads=2, head_dim=16, max_position_embeddings=512, tie_word_embeddings=False,
+                   bos_token_id=1, eos_token_id=2, pad_token_id=0)
+FAMILY_CONFIGS = {
+    "llama": ("LlamaConfig", {}),
+    "mistral": ("MistralConfig", {"sliding_window": 8}),
+    "qwen2": ("Qwen2Config", {}),
+    "qwen3": ("Qwen3Config", {"num_attention_heads": 8, "num_key_value_heads": 4}),
+    "gemma2": ("Gemma2Config", {"query_pre_attn_scalar": 16, "sliding_window": 8, "attn_logit_softcapping": 50.0,
+                                "final_logit_softcapping": 30.0}),
+    "gemma3_text": ("Gemma3TextConfig", {"query_pre_attn_scalar": 16, "sliding_window": 8,
+                                         "layer_types": ["sliding_attention", "full_attention", "sliding_attention"]}),
+    "phi3": ("Phi3Config", {}),
+}
+
+
+def make_family_model(family: str, seed: int = 0, **overrides):
+    """A tiny random causal LM of ``family`` with perturbed norms and biases (so a mis-sliced one shows)."""
+    import transformers
+    from transformers import AutoModelForCausalLM
+
+    cls_name, kw = FAMILY_CONFIGS[family]
+    cfg = getattr(transformers, cls_name)(**{**FAMILY_BASE, **kw, **overrides})
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(cfg, dtype=torch.float32).eval()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "norm" in name or name.endswith(".bias"):
+                p.add_(0.1 * torch.randn_like(p))
+    return model
+
 
 WORDS = ("the quick brown fox jumps over the lazy dog grouped query attention shares one key and value "
          "head among several query heads pruning removes whole groups").split()
@@ -83,7 +118,7 @@ WORDS = ("the quick brown fox jumps over the lazy dog grouped query attention sh
 
 def make_per_layer_model(seed: int = 0, kv=(1, 2), inter=(48, 128)):
     """GQAPrunedLlamaForCausalLM from tiny_config: layer 0 keeps 1 KV group and 48 MLP channels."""
-    from gqaprune.models.pruned_llama import GQAPrunedLlamaConfig, GQAPrunedLlamaForCausalLM
+    from gqaprune.models.pruned_gqa import GQAPrunedLlamaConfig, GQAPrunedLlamaForCausalLM
 
     cfg = GQAPrunedLlamaConfig(**tiny_config(num_hidden_layers=len(kv)).to_dict())
     cfg.kv_heads_per_layer = list(kv)

@@ -14,6 +14,7 @@ from pathlib import Path
 
 from gqaprune.errors import GQAPruneError
 from gqaprune.memory import available_memory
+from gqaprune.models.family import FAMILIES, family_for_type
 from gqaprune.models.layout import head_dim, q_per_kv
 from gqaprune.options import ModelArgs, opt
 from gqaprune.recover.options import LoraRankArgs
@@ -82,17 +83,34 @@ def _config_kv(cfg: dict, i: int) -> int | None:
     return cfg.get("num_key_value_heads") or cfg.get("num_attention_heads")
 
 
+def layer_widths(fam, shapes: dict[str, list[int]], i: int) -> tuple[int, int, int, int, int]:
+    """Layer ``i``'s (q rows, k rows, v rows, o_proj inputs, MLP width) from tensor shapes, in any family's
+    layout (a fused qkv_proj holds q, then k, then v: its k and v widths are what o_proj's width leaves)."""
+    p = f"model.layers.{i}."
+    o_in = shapes[p + "self_attn.o_proj.weight"][1]
+    mlp = shapes[p + "mlp.down_proj.weight"][1]
+    widths = {}
+    for proj in fam.projections:
+        shape = shapes[p + proj.path + ".weight"]
+        width = shape[0] if proj.axis == "row" else shape[1]
+        if proj.segments == ("q",) and proj.axis == "row":
+            widths["q"] = width
+        elif "kv" in proj.segments:
+            n_kv_segs = proj.segments.count("kv")
+            widths.setdefault("kv", []).append((width - o_in * proj.segments.count("q")) // n_kv_segs)
+    kv = widths.get("kv", [0])
+    return widths.get("q", o_in), kv[0], kv[-1], o_in, mlp
+
+
 def layer_report(cfg: dict, shapes: dict[str, list[int]], expect_r: int | None) -> tuple[list[dict], list[str]]:
     """Per-layer heads / Q:KV / MLP from tensor shapes, and a list of problems found (each naming its layer)."""
     d = head_dim(cfg)
     r = expect_r or q_per_kv(cfg)
     rows, problems = [], []
+    fam = family_for_type(cfg.get("model_type")) or FAMILIES["llama"]   # an unsupported type has its own FAIL row
     for i in range(cfg["num_hidden_layers"]):
-        p = f"model.layers.{i}."
         try:
-            q, k, v = (shapes[p + f"self_attn.{x}_proj.weight"][0] for x in "qkv")
-            o_in = shapes[p + "self_attn.o_proj.weight"][1]
-            mlp = shapes[p + "mlp.gate_proj.weight"][0]
+            q, k, v, o_in, mlp = layer_widths(fam, shapes, i)
         except KeyError as e:
             problems.append(f"layer {i}: tensor {e} missing")
             continue
@@ -152,13 +170,13 @@ def _read_config(folder: Path) -> dict:
 
 
 def _architecture(cfg: dict) -> CheckRow:
-    from gqaprune.models.io import SUPPORTED_MODEL_TYPES
+    from gqaprune.models.family import supported
 
     mt = cfg.get("model_type")
     missing = [k for k in ("hidden_size", "num_attention_heads", "num_hidden_layers") if k not in cfg]
-    ok = mt in SUPPORTED_MODEL_TYPES and not missing
+    ok = family_for_type(mt) is not None and not missing
     why = (f"model_type {mt!r}" + (f", config has no {', '.join(missing)}" if missing else "")
-           + f"; gqaprune checks {', '.join(SUPPORTED_MODEL_TYPES)} checkpoints")
+           + f"; gqaprune checks these families: {supported()}")
     return CheckRow("supported architecture", ok, f"model_type {mt}" if ok else why)
 
 
@@ -199,8 +217,7 @@ def check(opts: CheckOptions) -> CheckResult:
     res.rows.append(CheckRow("Q:KV ratio kept in every layer", not problems,
                              f"{r}:1 in all {len(res.layers)} layers" if not problems else "; ".join(problems[:3])))
     d = cfg.get("head_dim")
-    hd_ok = d is not None and all(
-        shapes.get(f"model.layers.{i}.self_attn.k_proj.weight", [0])[0] % d == 0 for i in range(cfg["num_hidden_layers"]))
+    hd_ok = d is not None and all(x["kv_heads"] == int(x["kv_heads"]) for x in res.layers)
     res.rows.append(CheckRow("head_dim explicit and consistent", hd_ok,
                              f"head_dim {d}" if hd_ok else f"head_dim {d!r} missing or does not divide k_proj rows"))
     n_params = sum(math.prod(s) for k, s in shapes.items() if not (cfg.get("tie_word_embeddings") and k == "lm_head.weight"))

@@ -16,7 +16,7 @@ P, N = 32, 8
 
 def _per_layer_model(seed: int = 1):
     """A per-layer pruned tiny model: layer 0 keeps 1 of 2 KV groups and 64 of 128 MLP channels."""
-    from gqaprune.models.pruned_llama import GQAPrunedLlamaConfig, GQAPrunedLlamaForCausalLM
+    from gqaprune.models.pruned_gqa import GQAPrunedLlamaConfig, GQAPrunedLlamaForCausalLM
 
     cfg = GQAPrunedLlamaConfig(**tiny_config().to_dict())
     cfg.kv_heads_per_layer = [1, 2]

@@ -82,7 +82,8 @@ def test_layer_target_first_layer_error_matches_report(tiny_model):
     m = copy.deepcopy(tiny_model)
     rep = compensate(m, plan, CALIB, target="layer", holdout=0.25, progress=False)
     held = CALIB[-6:]
-    (h, kw), = capture_layer_inputs(tiny_model, held, batch_size=8)
+    (h, kws), = capture_layer_inputs(tiny_model, held, batch_size=8)
+    kw = kws[0]
     dense, pr = tiny_model.model.layers[0], m.model.layers[0]
     with torch.no_grad():
         r = h + pr.self_attn(hidden_states=pr.input_layernorm(h), **kw)[0]   # pruned model's own residual

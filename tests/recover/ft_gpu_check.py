@@ -26,7 +26,7 @@ def main(out: Path) -> dict:
     from gqaprune.recover.finetune import FinetuneOptions, finetune
     from gqaprune.recover.merge import merge_and_save_lora
     from gqaprune.models.io import save_checkpoint
-    from gqaprune.models.pruned_llama import GQAPrunedLlamaConfig, GQAPrunedLlamaForCausalLM
+    from gqaprune.models.pruned_gqa import GQAPrunedLlamaConfig, GQAPrunedLlamaForCausalLM
 
     import peft
     import transformers

@@ -69,10 +69,10 @@ def test_merge_equals_adapter_and_keeps_format(tmp_path, layout):
     assert "lora" not in " ".join(n for n, _ in merged.named_parameters())
     if layout == "per-layer":
         assert cfg["model_type"] == "gqapruned_llama" and cfg["kv_heads_per_layer"] == [1, 2]
-        assert cfg["intermediate_size_per_layer"] == [48, 128] and (out / "gqapruned_llama.py").is_file()
+        assert cfg["intermediate_size_per_layer"] == [48, 128] and (out / "gqapruned.py").is_file()
         assert "auto_map" in cfg
     else:
-        assert cfg["model_type"] == "llama" and not (out / "gqapruned_llama.py").exists()
+        assert cfg["model_type"] == "llama" and not (out / "gqapruned.py").exists()
     info = json.loads((out / "merge_info.json").read_text())
     assert info["merged"]["max_abs_diff"] == res.max_abs_diff
     assert not list(tmp_path.glob(".merged*"))   # atomic: no temp folder left behind

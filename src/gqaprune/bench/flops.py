@@ -54,13 +54,13 @@ def model_shape(model: torch.nn.Module) -> ModelShape:
     try:
         layers = decoder_layers(model)
     except ValueError as e:
-        raise GQAPruneError(f"bench: {e}; gqaprune bench measures Llama-architecture models") from e
+        raise GQAPruneError(f"bench: {e}; gqaprune bench measures the model families gqaprune prunes") from e
     layer_mm = 0
     attn_width = 0
     for layer in layers:
         layer_mm += sum(m.weight.numel() for m in layer.modules() if isinstance(m, torch.nn.Linear))
-        # q_proj's output is (query heads * head_dim) wide, whatever the layer kept.
-        attn_width += layer.self_attn.q_proj.out_features
+        # o_proj reads (query heads * head_dim) features, whatever the layer kept and whatever the family.
+        attn_width += layer.self_attn.o_proj.in_features
     head = model.get_output_embeddings()
     head_mm = head.weight.numel() if head is not None else 0
     params = sum(p.numel() for p in model.parameters())  # parameters() yields a tied weight once

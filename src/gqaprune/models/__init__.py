@@ -1,2 +1,2 @@
 """Models: load and save references (io.py), their shape (layout.py), the per-layer class
-(pruned_llama.py) and LoRA adapters (adapters.py)."""
+(pruned_gqa.py) and LoRA adapters (adapters.py)."""

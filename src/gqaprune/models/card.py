@@ -44,7 +44,7 @@ def _ppl_rows(ppl: list[dict], label: str) -> list[str]:
 def _load_lines(per_layer: bool, folder_name: str) -> list[str]:
     if per_layer:
         return ["Per-layer layout (layers differ in KV groups and MLP width): the model class ships in this folder",
-                "(`gqapruned_llama.py`, `auto_map`), so it loads anywhere with `trust_remote_code=True`, or with",
+                "(`gqapruned.py`, `auto_map`), so it loads anywhere with `trust_remote_code=True`, or with",
                 "gqaprune installed without it:", "", "```python",
                 "from transformers import AutoModelForCausalLM, AutoTokenizer",
                 f'model = AutoModelForCausalLM.from_pretrained("{folder_name}", trust_remote_code=True)',

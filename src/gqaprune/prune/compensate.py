@@ -62,7 +62,7 @@ from tqdm.auto import tqdm
 
 from gqaprune.errors import GQAPruneError
 from gqaprune.models.layout import model_layout, q_rows
-from gqaprune.prune.layerwise import attention, capture_layer_inputs, check_layers, mlp
+from gqaprune.prune.layerwise import Sublayers, capture_layer_inputs
 from gqaprune.prune.plan import PrunePlan
 
 log = logging.getLogger(__name__)
@@ -70,6 +70,16 @@ log = logging.getLogger(__name__)
 TARGETS = ("layer", "dense")
 RIDGE_GRID = (1e-3, 1e-2, 1e-1, 1.0, 10.0, 100.0)   # x mean(diag(X^T X)); chosen on held-out tokens
 DEFAULT_RIDGE = 1e-2                                 # when nothing is held out
+
+
+def check_target(fam, target: str) -> None:
+    """Refuse a refit target that is unknown, or not defined for the model's family."""
+    if target not in TARGETS:
+        raise GQAPruneError(f"--compensate-target {target}: choose one of {', '.join(TARGETS)}")
+    if target == "dense" and fam.sandwich:
+        raise GQAPruneError(f"--compensate-target dense is not defined for {fam.label}: its norm after o_proj / "
+                            "down_proj makes the residual it should restore a non-linear function of the refit "
+                            "weights; use --compensate-target layer (the pre-norm output of each dense sublayer)")
 
 
 class LstsqStats:
@@ -168,8 +178,10 @@ class _Sublayers:
     layer keyword arguments; ``held[j]``: batch j is held out of the fit (it only checks it).
     """
 
-    def __init__(self, batches, target: str, ridge: float | None, device):
-        self.kws = [b[1] for b in batches]
+    def __init__(self, sub: Sublayers, batches, target: str, ridge: float | None, device):
+        self.sub = sub
+        self.kws = [b[1] for b in batches]   # per batch: each layer's keyword arguments
+        self.i = 0                           # the layer being refit
         self.held = [b[2] for b in batches]
         self.target, self.ridge, self.device = target, ridge, device
         self.acc_dtype = torch.float32  # sums over <= ~1e6 tokens: float32 is plenty next to the ridge; 2x faster on CPU
@@ -183,36 +195,47 @@ class _Sublayers:
             (held if self.held[j] else fit).add(x_kept, y if bias is None else y - bias)
         return _refit(lin, kept, removed, fit, held, self.ridge)
 
+    def _attn_residual(self, layer, h, kw):
+        return self.sub.add_attention(layer, h, self.sub.attention(layer, h, kw)[1])
+
+    def _mlp_residual(self, layer, r):
+        return self.sub.add_mlp(layer, r, self.sub.mlp(layer, r)[1])
+
     def dense(self, layer, hd):
         """(post-attention residuals, layer outputs) of the unpruned layer on the dense hidden states."""
         rd, hd_next = [], []
-        for h, kw in zip(hd, self.kws):
-            rd.append(h + attention(layer, h, kw)[1])
-            hd_next.append(rd[-1] + mlp(layer, rd[-1])[1])
+        for h, kws in zip(hd, self.kws):
+            rd.append(self._attn_residual(layer, h, kws[self.i]))
+            hd_next.append(self._mlp_residual(layer, rd[-1]))
         return rd, hd_next
 
     def attention(self, layer, hp, kv_keep, kv_rm, r: int, d: int, rd) -> tuple[list, dict | None]:
-        """Refit o_proj's columns of the kept heads; returns the post-attention residuals and the record."""
+        """Refit o_proj's columns of the kept heads; returns the post-attention residuals and the record.
+
+        Target ``layer``: the unpruned o_proj's output, before any norm that follows it (Gemma's
+        post-attention norm makes the layer output scale-invariant, so the refit matches the
+        pre-norm output the dense layer feeds that norm).
+        """
         if not kv_rm:
-            return [h + attention(layer, h, kw)[1] for h, kw in zip(hp, self.kws)], None
+            return [self._attn_residual(layer, h, kws[self.i]) for h, kws in zip(hp, self.kws)], None
         o = layer.self_attn.o_proj
         kept, removed = q_rows(kv_keep, r, d), q_rows(kv_rm, r, d)
         kd = kept.to(self.device)
         o_ins = []
 
         def pairs():
-            for j, (h, kw) in enumerate(zip(hp, self.kws)):
-                x, out = attention(layer, h, kw)
+            for j, (h, kws) in enumerate(zip(hp, self.kws)):
+                x, out = self.sub.attention(layer, h, kws[self.i])
                 o_ins.append(x)
                 yield x.index_select(-1, kd), (out if self.target == "layer" else rd[j] - h)
 
         rec = self._refit(o, kept, removed, pairs())
-        return [h + o(x) for h, x in zip(hp, o_ins)], rec
+        return [self.sub.add_attention(layer, h, o(x)) for h, x in zip(hp, o_ins)], rec
 
     def mlp(self, layer, rp, ch_keep, ch_rm, hd_next) -> tuple[list, dict | None]:
-        """Refit down_proj's columns of the kept channels, fed the refit attention's residuals."""
+        """Refit down_proj's columns of the kept channels, fed the refit attention's residuals (target as above)."""
         if not ch_rm:
-            return [rj + mlp(layer, rj)[1] for rj in rp], None
+            return [self._mlp_residual(layer, rj) for rj in rp], None
         dn = layer.mlp.down_proj
         kept = torch.tensor(ch_keep, dtype=torch.long)
         removed = torch.tensor(sorted(ch_rm), dtype=torch.long)
@@ -221,13 +244,14 @@ class _Sublayers:
 
         def pairs():
             for j, rj in enumerate(rp):
-                x, out = mlp(layer, rj)
+                x, out = self.sub.mlp(layer, rj)
                 xs.append(x.index_select(-1, kd))
                 yield xs[-1], (out if self.target == "layer" else hd_next[j] - rj)
 
         rec = self._refit(dn, kept, removed, pairs())
         w_k = dn.weight.index_select(1, kd)
-        return [rj + torch.nn.functional.linear(xk, w_k, dn.bias) for rj, xk in zip(rp, xs)], rec
+        return [self.sub.add_mlp(layer, rj, torch.nn.functional.linear(xk, w_k, dn.bias))
+                for rj, xk in zip(rp, xs)], rec
 
 
 @torch.no_grad()
@@ -239,20 +263,20 @@ def compensate(model, plan: PrunePlan, ids: torch.Tensor, *, target: str = "laye
     pruned model computes (removed units' consuming columns are zero); pass it to
     ``apply_plan(model, plan)`` to slice. Sublayers that lose no unit are left bitwise as they were.
     """
-    if target not in TARGETS:
-        raise GQAPruneError(f"--compensate-target {target}: choose one of {', '.join(TARGETS)}")
+    sl = Sublayers(model, "--compensate")
+    check_target(sl.fam, target)
     if ids is None or ids.ndim != 2 or ids.shape[0] < 1:
         raise GQAPruneError("--compensate needs calibration token ids (samples x tokens)")
     t0 = time.perf_counter()
     layout = model_layout(model)
     plan.check_matches(layout)
-    layers = check_layers(model, "--compensate")
+    layers = sl.layers
     n_held = _split(ids.shape[0], holdout)
     fit_ids, held_ids = ids[: ids.shape[0] - n_held], ids[ids.shape[0] - n_held:]
     batches = [(h, kw, False) for h, kw in capture_layer_inputs(model, fit_ids, batch_size)]
     if n_held:
         batches += [(h, kw, True) for h, kw in capture_layer_inputs(model, held_ids, batch_size)]
-    sub = _Sublayers(batches, target, ridge, next(model.parameters()).device)
+    sub = _Sublayers(sl, batches, target, ridge, next(model.parameters()).device)
     hp = [b[0] for b in batches]                       # pruned model's hidden states entering layer i
     hd = list(hp) if target == "dense" else None       # dense model's (target "dense" only)
     report_layers = []
@@ -260,12 +284,13 @@ def compensate(model, plan: PrunePlan, ids: torch.Tensor, *, target: str = "laye
     model.eval()
     try:
         for i, layer in enumerate(tqdm(layers, desc=f"compensate ({target})", disable=not progress)):
+            sub.i = i
             s = layout.layers[i]
             kv_rm = [g for g in range(s.n_kv) if g not in set(plan.kv_groups[i])]
             ch_rm = set(range(s.n_mlp)) - set(plan.mlp_channels[i])
             rec: dict = {"layer": i}
             if not kv_rm and not ch_rm and target == "layer":
-                hp = [layer(h, **kw) for h, kw in zip(hp, sub.kws)]
+                hp = [layer(h, **kws[i]) for h, kws in zip(hp, sub.kws)]
                 report_layers.append(rec)
                 continue
             # dense targets: the unpruned layer on the dense hidden states, before it is modified

@@ -6,10 +6,13 @@ compensation, the sensitivity probes, the split search and the allocation search
 
 * ``capture_layer_inputs``: per calibration batch, the hidden states entering decoder
   layer 0 and the keyword arguments (rotary embeddings, causal mask, positions) the model
-  passes every layer, so layers can be run one at a time.
-* ``attention`` / ``mlp``: a Llama-style pre-norm sublayer's output together with the input
-  of its consuming projection (o_proj / down_proj), which is what a refit or an OBS score
-  reads.
+  passes each layer, so layers can be run one at a time. Families whose layers differ in
+  type (Gemma's sliding-window and global layers get different masks and rotary tables)
+  have them captured layer by layer; the others reuse layer 0's.
+* ``Sublayers``: a pre-norm sublayer's consuming projection (o_proj / down_proj) with its
+  input and output, which is what a refit or an OBS score reads, and the residual update
+  that output makes, through the family's norms (Gemma's "sandwich" norms normalise o_proj's
+  and down_proj's outputs before the residual add; Llama-style layers add them as they are).
 * ``zero_units``: forward pre-hooks that zero the o_proj / down_proj input features of
   some units; that is exactly equivalent to slicing the units away (tests), and leaves the
   weights untouched.
@@ -21,6 +24,7 @@ from __future__ import annotations
 import torch
 
 from gqaprune.errors import GQAPruneError
+from gqaprune.models.family import family_of
 from gqaprune.models.layout import decoder_layers, q_rows
 
 
@@ -29,19 +33,28 @@ class _Stop(Exception):
 
 
 @torch.no_grad()
-def capture_layer_inputs(model, ids: torch.Tensor, batch_size: int) -> list[tuple[torch.Tensor, dict]]:
-    """Per batch: (hidden states entering decoder layer 0, the keyword arguments the layers get)."""
+def capture_layer_inputs(model, ids: torch.Tensor, batch_size: int) -> list[tuple[torch.Tensor, list[dict]]]:
+    """Per batch: (hidden states entering decoder layer 0, the keyword arguments of each layer, by index)."""
     layers = decoder_layers(model)
+    types = getattr(model.config, "layer_types", None)
+    each = types is not None and len(set(types)) > 1   # masks / rotary tables differ by layer type
     device = next(model.parameters()).device
-    store: list[tuple[torch.Tensor, dict]] = []
+    store: list[tuple[torch.Tensor, list[dict]]] = []
 
-    def hook(mod, args, kwargs):
-        h = args[0] if args else kwargs["hidden_states"]
-        kw = {k: v for k, v in kwargs.items() if k != "hidden_states"}
-        store.append((h.detach(), kw))
-        raise _Stop
+    def hook_for(i):
+        def hook(mod, args, kwargs):
+            kw = {k: v for k, v in kwargs.items() if k != "hidden_states"}
+            if i == 0:
+                store.append(((args[0] if args else kwargs["hidden_states"]).detach(), []))
+            store[-1][1].append(kw)
+            if not each:
+                store[-1][1].extend([kw] * (len(layers) - 1))
+            if not each or i == len(layers) - 1:
+                raise _Stop
+        return hook
 
-    handle = layers[0].register_forward_pre_hook(hook, with_kwargs=True)
+    handles = [layer.register_forward_pre_hook(hook_for(i), with_kwargs=True)
+               for i, layer in enumerate(layers if each else layers[:1])]
     was = model.training
     model.eval()
     try:
@@ -51,55 +64,80 @@ def capture_layer_inputs(model, ids: torch.Tensor, batch_size: int) -> list[tupl
             except _Stop:
                 pass
     finally:
-        handle.remove()
+        for hd in handles:
+            hd.remove()
         model.train(was)
     return store
 
 
+def run_layers(layers, h: torch.Tensor, kws: list[dict], start: int = 0, stop: int | None = None) -> torch.Tensor:
+    """Hidden states after decoder layers ``start:stop`` of ``h`` (entering layer ``start``)."""
+    for i in range(start, len(layers) if stop is None else stop):
+        h = layers[i](h, **kws[i])
+    return h
+
+
 def check_layers(model, what: str) -> list:
-    """The decoder layers, refused with a message when they are not Llama-style (pre-norm attention, then MLP)."""
+    """The decoder layers, refused with a message when they lack the modules the family's layers have."""
+    fam = family_of(model)
     layers = decoder_layers(model)
-    need = ("input_layernorm", "self_attn", "post_attention_layernorm", "mlp")
+    need = [fam.attn_norm, "self_attn", fam.mlp_norm, "mlp"] + [n for n in (fam.attn_out_norm, fam.mlp_out_norm) if n]
     for i, layer in enumerate(layers):
         missing = [n for n in need if not hasattr(layer, n)]
         if missing:
-            raise GQAPruneError(f"{what}: decoder layer {i} has no {', '.join(missing)}; it supports Llama-style "
-                                "layers (pre-norm attention, then pre-norm MLP)")
+            raise GQAPruneError(f"{what}: decoder layer {i} has no {', '.join(missing)}, which {fam.label} layers have")
     return layers
 
 
 class _Capture:
-    """A forward pre-hook that keeps the input of one nn.Linear."""
+    """A forward hook that keeps the input and the output of one nn.Linear."""
 
     def __init__(self, lin):
-        self.x = None
-        self.h = lin.register_forward_pre_hook(self)
+        self.x = self.y = None
+        self.h = lin.register_forward_hook(self)
 
-    def __call__(self, mod, args):
-        self.x = args[0].detach()
+    def __call__(self, mod, args, out):
+        self.x, self.y = args[0].detach(), out.detach()
 
     def remove(self):
         self.h.remove()
 
 
-def attention(layer, h: torch.Tensor, kw: dict) -> tuple[torch.Tensor, torch.Tensor]:
-    """(o_proj input, attention output) of ``layer`` on hidden states ``h``; the residual is h + output."""
-    cap = _Capture(layer.self_attn.o_proj)
-    try:
-        out = layer.self_attn(hidden_states=layer.input_layernorm(h), **kw)[0]
-    finally:
-        cap.remove()
-    return cap.x, out
+class Sublayers:
+    """The sublayers of one model's decoder layers, run on their own through the family's norms."""
 
+    def __init__(self, model, what: str):
+        self.fam = family_of(model)
+        self.layers = check_layers(model, what)
 
-def mlp(layer, r: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(down_proj input, MLP output) of ``layer`` on the post-attention residual ``r``."""
-    cap = _Capture(layer.mlp.down_proj)
-    try:
-        out = layer.mlp(layer.post_attention_layernorm(r))
-    finally:
-        cap.remove()
-    return cap.x, out
+    def _norm(self, layer, name: str | None, x: torch.Tensor) -> torch.Tensor:
+        return getattr(layer, name)(x) if name else x
+
+    def attention(self, layer, h: torch.Tensor, kw: dict) -> tuple[torch.Tensor, torch.Tensor]:
+        """(o_proj input, o_proj output) of ``layer`` on hidden states ``h``."""
+        cap = _Capture(layer.self_attn.o_proj)
+        try:
+            layer.self_attn(hidden_states=self._norm(layer, self.fam.attn_norm, h), **kw)
+        finally:
+            cap.remove()
+        return cap.x, cap.y
+
+    def mlp(self, layer, r: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(down_proj input, down_proj output) of ``layer`` on the post-attention residual ``r``."""
+        cap = _Capture(layer.mlp.down_proj)
+        try:
+            layer.mlp(self._norm(layer, self.fam.mlp_norm, r))
+        finally:
+            cap.remove()
+        return cap.x, cap.y
+
+    def add_attention(self, layer, h: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """The residual after attention, from its o_proj output ``y``."""
+        return h + self._norm(layer, self.fam.attn_out_norm, y)
+
+    def add_mlp(self, layer, r: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """The residual after the MLP, from its down_proj output ``y``."""
+        return r + self._norm(layer, self.fam.mlp_out_norm, y)
 
 
 class ZeroInputs:
@@ -141,12 +179,16 @@ class Head:
         self.norm = getattr(base, "norm", None)
         self.head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
         if self.norm is None or self.head is None:
-            raise GQAPruneError(f"{what}: the model has no final norm / output head where a Llama-style causal LM "
-                                "has them (model.model.norm, lm_head)")
+            raise GQAPruneError(f"{what}: the model has no final norm / output head where a causal LM of these "
+                                "families has them (model.model.norm, lm_head)")
+        self.softcap = getattr(model.config, "final_logit_softcapping", None)   # Gemma: cap * tanh(logits / cap)
 
     def logprobs(self, h: torch.Tensor) -> torch.Tensor:
         """Next-token log-probabilities (float32) at every position but the last."""
-        return torch.log_softmax(self.head(self.norm(h))[:, :-1].float(), dim=-1)
+        logits = self.head(self.norm(h))[:, :-1].float()
+        if self.softcap:
+            logits = torch.tanh(logits / self.softcap) * self.softcap
+        return torch.log_softmax(logits, dim=-1)
 
 
 def nll(logp: torch.Tensor, ids: torch.Tensor) -> float:

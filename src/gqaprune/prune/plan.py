@@ -105,6 +105,8 @@ class PrunePlan:
                 "hidden_size": layout.hidden_size, "kv_per_layer": [x.n_kv for x in layout.layers],
                 "mlp_per_layer": [x.n_mlp for x in layout.layers]}
         bad = [f"{k}: plan {s.get(k)!r} vs model {v!r}" for k, v in want.items() if s.get(k) != v]
+        if s.get("family", "llama") != layout.family:   # plans written before families were recorded are Llama's
+            bad.insert(0, f"family: plan {s.get('family', 'llama')!r} vs model {layout.family!r}")
         if len(self.kv_groups) != layout.num_layers or len(self.mlp_channels) != layout.num_layers:
             bad.append(f"plan lists {len(self.kv_groups)} layers, model has {layout.num_layers}")
         for i, (g, c, ls) in enumerate(zip(self.kv_groups, self.mlp_channels, layout.layers)):
@@ -190,7 +192,8 @@ def make_plan(layout: ModelLayout, scores: list[dict], target: Target, *, layout
 
 
 def source_shape(layout: ModelLayout) -> dict:
-    return {"num_layers": layout.num_layers, "head_dim": layout.head_dim, "q_per_kv": layout.q_per_kv,
+    return {"family": layout.family, "num_layers": layout.num_layers, "head_dim": layout.head_dim,
+            "q_per_kv": layout.q_per_kv,
             "hidden_size": layout.hidden_size, "kv_per_layer": [x.n_kv for x in layout.layers],
             "mlp_per_layer": [x.n_mlp for x in layout.layers]}
 

@@ -6,8 +6,9 @@ The result is rebuilt as the class its shape calls for (see ``target_config``):
     transformers 5's LlamaConfig refuses that even with head_dim set) -> stock ``MistralConfig``,
     whose model is Llama's math (RMSNorm, RoPE, SiLU MLP, no biases) and which transformers,
     vLLM and llama.cpp's converter all load with no extra code;
-  * layers differ (per-layer layout, or uniform with protected layers) -> gqaprune's
-    ``GQAPrunedLlamaConfig`` (auto_map + remote code in the checkpoint).
+  * layers differ (per-layer layout, or uniform with protected layers) -> the family's per-layer
+    class, e.g. ``GQAPrunedLlamaConfig`` (auto_map + remote code in the checkpoint).
+Other families the same way with their own stock config (``_stock_config``).
 Surgery never scores; scoring never touches weights.
 """
 
@@ -20,7 +21,9 @@ from torch import nn
 
 from gqaprune.errors import GQAPruneError
 
-from gqaprune.models.layout import decoder_layers, head_dim, kv_rows, model_layout, q_per_kv, q_rows
+from gqaprune.models.family import family_of, projection, unit_index
+from gqaprune.models.layout import decoder_layers, head_dim, model_layout, q_per_kv
+from gqaprune.models.pruned_gqa import set_module
 from gqaprune.prune.plan import PrunePlan
 
 log = logging.getLogger(__name__)
@@ -50,54 +53,79 @@ def slice_in_place(model, plan: PrunePlan) -> None:
     layout = model_layout(model)
     plan.check_matches(layout)
     r, d = layout.q_per_kv, layout.head_dim
-    for layer, groups, chans in zip(decoder_layers(model), plan.kv_groups, plan.mlp_channels):
-        attn, mlp = layer.self_attn, layer.mlp
-        qi, kvi = q_rows(groups, r, d), kv_rows(groups, d)
-        ci = torch.tensor(chans, dtype=torch.long)
-        attn.q_proj = _slice_linear(attn.q_proj, rows=qi)
-        attn.k_proj = _slice_linear(attn.k_proj, rows=kvi)
-        attn.v_proj = _slice_linear(attn.v_proj, rows=kvi)
-        attn.o_proj = _slice_linear(attn.o_proj, cols=qi)
-        mlp.gate_proj = _slice_linear(mlp.gate_proj, rows=ci)
-        mlp.up_proj = _slice_linear(mlp.up_proj, rows=ci)
-        mlp.down_proj = _slice_linear(mlp.down_proj, cols=ci)
-        if hasattr(mlp, "intermediate_size"):
-            mlp.intermediate_size = len(chans)
+    fam = family_of(model)
+    for layer, shape, groups, chans in zip(decoder_layers(model), layout.layers, plan.kv_groups, plan.mlp_channels):
+        for p in fam.projections:   # every segment of a fused projection keeps its own rows
+            idx = unit_index(p, chans if p.kind == "mlp" else groups, shape.n_kv, shape.n_mlp, r, d)
+            lin = projection(layer, p)
+            set_module(layer, p.path, _slice_linear(lin, **{"rows" if p.axis == "row" else "cols": idx}))
+        if hasattr(layer.mlp, "intermediate_size"):
+            layer.mlp.intermediate_size = len(chans)
+        if hasattr(layer.self_attn, "num_key_value_heads"):   # Phi-3 splits its fused qkv by this count
+            layer.self_attn.num_key_value_heads = len(groups)
 
 
 def target_config(config, kv: list[int], mlp: list[int], layout: str = "uniform"):
     """The config for a model whose layer i keeps ``kv[i]`` KV heads and ``mlp[i]`` channels.
 
-    ``layout`` ``per-layer-mlp`` with equal KV heads and varying MLP widths: DeciLM's ``block_configs``
-    (models/pruned_deci.py), which vLLM serves; every other varying shape: gqaprune's per-layer Llama.
+    The same counts in every layer: the family's stock config (``_stock_config``). ``layout``
+    ``per-layer-mlp`` with equal KV heads and varying MLP widths (Llama only): DeciLM's
+    ``block_configs`` (models/pruned_deci.py), which vLLM serves. Every other shape: the family's
+    per-layer class (models/pruned_gqa.py), written with its code.
     """
-    from transformers import LlamaConfig, MistralConfig
+    from gqaprune.models.pruned_gqa import CLASSES
 
-    from gqaprune.models.pruned_llama import GQAPrunedLlamaConfig
-
+    fam = family_of(config)
     src = {k: v for k, v in config.to_dict().items() if k not in _DROP}
     r = q_per_kv(config)
-    n_kv_src = config.num_attention_heads // r
     src["head_dim"] = head_dim(config)  # never let transformers derive it from hidden_size // heads
-    biased = bool(src.get("attention_bias")) or bool(src.get("mlp_bias"))
-    if len(set(kv)) == 1 and len(set(mlp)) == 1 and not (biased and config.hidden_size % (kv[0] * r)):
-        src.update(num_attention_heads=kv[0] * r, num_key_value_heads=kv[0], intermediate_size=mlp[0])
-        if config.hidden_size % (kv[0] * r) == 0:
-            return LlamaConfig(**src)
+    if len(set(kv)) == 1 and len(set(mlp)) == 1:
+        cfg = _stock_config(fam, config, src, kv[0], r, mlp[0])
+        if cfg is not None:
+            return cfg
+    if layout == "per-layer-mlp" and len(set(kv)) == 1:
+        check_layout_family(layout, fam)
+        return _deci_config(src, kv[0], r, mlp)
+    cls = CLASSES[fam.per_layer_type][0]
+    if getattr(config, "model_type", None) == fam.per_layer_type:   # keep the unpruned model's base counts
+        base_kv = config.num_key_value_heads
+    else:
+        base_kv = config.num_attention_heads // r
+    src.update(num_attention_heads=base_kv * r, num_key_value_heads=base_kv, intermediate_size=config.intermediate_size)
+    # not filtered to the class's fields: some families' configs (Qwen2) keep head_dim as a plain attribute
+    return cls(**src, kv_heads_per_layer=list(kv), intermediate_size_per_layer=list(mlp))
+
+
+def check_layout_family(layout: str, fam) -> None:
+    """``per-layer-mlp`` is DeciLM's format, whose model is Llama's: refuse it for the other families."""
+    if layout == "per-layer-mlp" and fam.name != "llama":
+        raise GQAPruneError(f"--layout per-layer-mlp writes DeciLM block_configs, a Llama format, and this model is "
+                            f"{fam.label}: use --layout per-layer or --layout uniform")
+
+
+def _stock_config(fam, config, src: dict, n_kv: int, r: int, n_mlp: int):
+    """The family's stock config with these counts, or None where its class cannot hold them.
+
+    Llama-3-8B at 28 query heads (4096 % 28 != 0): transformers 5's LlamaConfig refuses a hidden size
+    that is not a multiple of the head count even with head_dim set, so a Llama without biases is written
+    as a stock ``MistralConfig`` (Llama's math: RMSNorm, RoPE, SiLU MLP, no biases; no sliding window),
+    which transformers, vLLM and llama.cpp's converter load with no extra code. Gemma's configs refuse the
+    same shapes and have no such twin: those are written as the per-layer class (remote code), with the
+    same counts in every layer.
+    """
+    from transformers import MistralConfig
+
+    from gqaprune.models.pruned_gqa import stock_classes
+
+    src = dict(src, num_attention_heads=n_kv * r, num_key_value_heads=n_kv, intermediate_size=n_mlp)
+    if not (fam.stock_divisible and config.hidden_size % (n_kv * r)):
+        return stock_classes(fam.name)[0](**src)
+    if fam.name == "llama" and not (src.get("attention_bias") or src.get("mlp_bias")):
         fields = set(MistralConfig.__dataclass_fields__)
         kw = {k: v for k, v in src.items() if k in fields}
         kw["sliding_window"] = None
         return MistralConfig(**kw)
-    if layout == "per-layer-mlp" and len(set(kv)) == 1:
-        return _deci_config(src, kv[0], r, mlp)
-    if getattr(config, "model_type", None) == "gqapruned_llama":
-        base_heads, base_kv, base_mlp = config.num_attention_heads, config.num_key_value_heads, config.intermediate_size
-    else:
-        base_heads, base_kv, base_mlp = config.num_attention_heads, n_kv_src, config.intermediate_size
-    src.update(num_attention_heads=base_heads, num_key_value_heads=base_kv, intermediate_size=base_mlp)
-    fields = set(GQAPrunedLlamaConfig.__dataclass_fields__)
-    kw = {k: v for k, v in src.items() if k in fields}
-    return GQAPrunedLlamaConfig(**kw, kv_heads_per_layer=list(kv), intermediate_size_per_layer=list(mlp))
+    return None
 
 
 def _deci_config(src: dict, n_kv: int, r: int, mlp: list[int]):

@@ -48,7 +48,7 @@ from gqaprune.models.adapters import ADAPTER_INFO, base_fingerprint
 from gqaprune.models.io import load_model, resolve_device, resolve_model_ref
 from gqaprune.outputs import RunFolder, atomic_write
 from gqaprune.recover.distill import load_teacher
-from gqaprune.recover.lora import check_target_modules, wrap_lora
+from gqaprune.recover.lora import check_target_modules, family_targets, wrap_lora
 from gqaprune.recover.metrics import METRICS, MetricsSink, PPLTracker, best_eval_from_metrics, ppl_at_step0
 from gqaprune.recover.options import FinetuneOptions, check_extra_val
 from gqaprune.recover.run_dir import (PLOT, SUMMARY, RunPlan, last_checkpoint, open_run_dir, plan_run_dir,
@@ -248,6 +248,7 @@ def load_student(opts: FinetuneOptions, setup: Setup) -> Student:
         tokenizer.pad_token = tokenizer.eos_token
     tokenizer.padding_side = "right"
     model.config.use_cache = False
+    opts.lora_target_modules = family_targets(model, opts.lora_target_modules)
     check_target_modules(model, opts.lora_target_modules)
     use_fused, fused = fused_kernel_plan(opts.fused_kernels, setup.device)
     teacher = None

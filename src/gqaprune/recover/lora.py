@@ -21,6 +21,20 @@ def linear_module_names(model) -> list[str]:
     return sorted({name.rsplit(".", 1)[-1] for name, m in model.named_modules() if isinstance(m, torch.nn.Linear)})
 
 
+def family_targets(model, targets: list[str]) -> list[str]:
+    """``targets``, with the seed's default names (q/k/v/o/gate/up/down_proj) read as the model family's own
+    projections where the family fuses them (Phi-3: qkv_proj, gate_up_proj)."""
+    from gqaprune.models.family import family_for_type
+    from gqaprune.recover.options import DEFAULT_TARGET_MODULES
+
+    fam = family_for_type(getattr(model.config, "model_type", None))
+    if fam is not None and sorted(targets) == sorted(DEFAULT_TARGET_MODULES) \
+            and sorted(fam.lora_targets) != sorted(targets):
+        log.info("LoRA targets: %s's projections %s for the default names", fam.label, ",".join(fam.lora_targets))
+        return list(fam.lora_targets)
+    return list(targets)
+
+
 def check_target_modules(model, targets: list[str]) -> None:
     if list(targets) == ["all-linear"]:
         return  # PEFT's shorthand: every Linear except the output head

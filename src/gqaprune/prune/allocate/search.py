@@ -46,7 +46,7 @@ from tqdm.auto import tqdm
 from gqaprune.errors import GQAPruneError
 from gqaprune.models.layout import ModelLayout
 from gqaprune.prune.layerwise import Head, ZeroInputs, capture_layer_inputs, check_layers, kl, remove_hooks, \
-    zero_units
+    run_layers, zero_units
 from gqaprune.prune.budget import Target
 from gqaprune.prune.plan import PrunePlan, finish_plan
 
@@ -94,10 +94,7 @@ class _Evaluator:
         self.kws = [kw for _, kw in batches]
         self.tokens = sum(h.shape[0] * (h.shape[1] - 1) for h, _ in batches)
         h0 = [h for h, _ in batches]
-        hs = h0
-        for layer in self.layers:
-            hs = [layer(h, **kw) for h, kw in zip(hs, self.kws)]
-        self.ref = [self.head.logprobs(h) for h in hs]
+        self.ref = [self.head.logprobs(run_layers(self.layers, h, kw)) for h, kw in zip(h0, self.kws)]
         self.h0 = h0
         self.cache: list[list[torch.Tensor]] | None = None   # hidden states entering each layer, current state
 
@@ -118,7 +115,7 @@ class _Evaluator:
                 for li in range(start, len(self.layers)):
                     if keep:
                         kept[li - start].append(h)
-                    h = self.layers[li](h, **kw)
+                    h = self.layers[li](h, **kw[li])
                 total += kl(self.ref[j], self.head.logprobs(h))
         finally:
             remove_hooks(hooks)

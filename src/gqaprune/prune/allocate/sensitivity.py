@@ -41,7 +41,8 @@ from tqdm.auto import tqdm
 
 from gqaprune.models.layout import ModelLayout
 from gqaprune.prune.budget import solve_counts
-from gqaprune.prune.layerwise import Head, capture_layer_inputs, check_layers, kl, nll, remove_hooks, zero_units
+from gqaprune.prune.layerwise import Head, capture_layer_inputs, check_layers, kl, nll, remove_hooks, run_layers, \
+    zero_units
 
 log = logging.getLogger(__name__)
 
@@ -82,8 +83,8 @@ def layer_sensitivity(model, layout: ModelLayout, scores: list[dict], ids: torch
         id_batches = [ids[b:b + batch_size] for b in range(0, ids.shape[0], batch_size)]
         # hidden states entering each layer (and after the last), per batch
         hs = [[h for h, _ in batches]]
-        for layer in tqdm(layers, desc="sensitivity (dense pass)", disable=not progress, leave=False):
-            hs.append([layer(h, **kw) for h, kw in zip(hs[-1], kws)])
+        for li, layer in enumerate(tqdm(layers, desc="sensitivity (dense pass)", disable=not progress, leave=False)):
+            hs.append([layer(h, **kw[li]) for h, kw in zip(hs[-1], kws)])
         ref = [head.logprobs(h) for h in hs.pop()]     # the final states are not needed any more
         n = sum(x.shape[0] * (x.shape[1] - 1) for x in id_batches)
         base = sum(nll(lp, x) for lp, x in zip(ref, id_batches)) / n
@@ -96,9 +97,7 @@ def layer_sensitivity(model, layout: ModelLayout, scores: list[dict], ids: torch
             nll_sum, kl_sum = 0.0, 0.0
             try:
                 for j, x in enumerate(id_batches):
-                    h = hs[i][j]
-                    for layer in layers[i:]:
-                        h = layer(h, **kws[j])
+                    h = run_layers(layers, hs[i][j], kws[j], start=i)
                     lp = head.logprobs(h)
                     nll_sum += nll(lp, x)
                     kl_sum += kl(ref[j], lp)

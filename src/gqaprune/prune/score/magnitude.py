@@ -4,8 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from gqaprune.models.layout import decoder_layers
-from gqaprune.prune.score.units import ATTN_PROJS, MLP_PROJS, projection, reduce_to_units
+from gqaprune.prune.score.units import layer_projections, reduce
 
 
 class Magnitude:
@@ -16,17 +15,13 @@ class Magnitude:
 
     def __call__(self, model, layout, ids, ctx) -> list[dict]:
         out = []
-        for layer, s in zip(decoder_layers(model), layout.layers):
-            scores = {}
-            for kind, projs, n in (("kv", ATTN_PROJS, s.n_kv), ("mlp", MLP_PROJS, s.n_mlp)):
-                total = torch.zeros(n, dtype=torch.float32, device=projection(layer, projs[0]).weight.device)
-                for p in projs:
-                    lin = projection(layer, p)
-                    total += reduce_to_units(lin.weight.float() ** 2, p, n)
-                    if lin.bias is not None:
-                        total += reduce_to_units(lin.bias.float() ** 2, p, n, is_bias=True)
-                scores[kind] = total.sqrt().cpu()
-            out.append(scores)
+        for projs, s in zip(layer_projections(model), layout.layers):
+            total = {"kv": torch.zeros(s.n_kv, dtype=torch.float32), "mlp": torch.zeros(s.n_mlp, dtype=torch.float32)}
+            for p, lin in projs:
+                total[p.kind] += reduce(lin.weight.float() ** 2, p, s, layout).cpu()
+                if lin.bias is not None:
+                    total[p.kind] += reduce(lin.bias.float() ** 2, p, s, layout, is_bias=True).cpu()
+            out.append({k: v.sqrt() for k, v in total.items()})
         return out
 
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 from tqdm.auto import tqdm
 
-from gqaprune.prune.layerwise import attention, capture_layer_inputs, check_layers, mlp
+from gqaprune.prune.layerwise import Sublayers, capture_layer_inputs
 
 OBS_DAMP = 1e-2  # x mean(diag(X^T X)), as SparseGPT's percdamp
 
@@ -81,7 +81,8 @@ def obs_scores(model, layout, ids: torch.Tensor, *, batch_size: int = 8, progres
     One pass through the layers on the calibration tokens (the model's own activations),
     accumulating each consuming projection's input Gram matrix, one layer at a time.
     """
-    layers = check_layers(model, "--criterion obs")
+    sub = Sublayers(model, "--criterion obs")
+    layers = sub.layers
     device = next(model.parameters()).device
     batches = capture_layer_inputs(model, ids, batch_size)
     hs, kws = [h for h, _ in batches], [kw for _, kw in batches]
@@ -96,14 +97,14 @@ def obs_scores(model, layout, ids: torch.Tensor, *, batch_size: int = 8, progres
             g_d = torch.zeros(dn.in_features, dn.in_features, device=device, dtype=torch.float32)
             nxt = []
             for h, kw in zip(hs, kws):
-                x, a = attention(layer, h, kw)
+                x, a = sub.attention(layer, h, kw[i])
                 x = x.reshape(-1, x.shape[-1]).float()
                 g_o.addmm_(x.T, x)
-                r = h + a
-                xd, m = mlp(layer, r)
+                r = sub.add_attention(layer, h, a)
+                xd, m = sub.mlp(layer, r)
                 xd = xd.reshape(-1, xd.shape[-1]).float()
                 g_d.addmm_(xd.T, xd)
-                nxt.append(r + m)
+                nxt.append(sub.add_mlp(layer, r, m))
             hs = nxt
             out.append({"kv": greedy_obs_order(o.weight, g_o, group).cpu(),
                         "mlp": greedy_obs_order(dn.weight, g_d, 1).cpu()})

@@ -28,8 +28,9 @@ from tqdm.auto import tqdm
 from gqaprune.compat import transformers as tf_compat
 from gqaprune.errors import GQAPruneError
 from gqaprune.memory import release_freed_memory
-from gqaprune.models.layout import ModelLayout, decoder_layers
-from gqaprune.prune.score.units import ATTN_PROJS, MLP_PROJS, PROJ_AXIS, projection, reduce_to_units, zeros
+from gqaprune.models.family import family_of
+from gqaprune.models.layout import ModelLayout
+from gqaprune.prune.score.units import layer_projections, reduce, zeros
 
 
 @contextmanager
@@ -38,9 +39,11 @@ def _calibration_mode(model, gradient_checkpointing: bool):
     saved = {n: p.requires_grad for n, p in model.named_parameters()}
     was_training, use_cache = model.training, getattr(model.config, "use_cache", True)
     gc_was = tf_compat.checkpointing_enabled(model)
+    scored = {id(lin.weight) for projs in layer_projections(model) for _, lin in projs} | \
+        {id(lin.bias) for projs in layer_projections(model) for _, lin in projs if lin.bias is not None}
     try:
         for n, p in model.named_parameters():
-            p.requires_grad_(n.rsplit(".", 2)[-2] in ATTN_PROJS + MLP_PROJS)
+            p.requires_grad_(id(p) in scored)
         model.config.use_cache = False
         if gradient_checkpointing:
             tf_compat.enable_checkpointing(model)
@@ -56,10 +59,6 @@ def _calibration_mode(model, gradient_checkpointing: bool):
         model.train(was_training)
 
 
-# Model types whose logits are exactly lm_head(last hidden state), no scaling or soft-capping.
-_PLAIN_HEAD_TYPES = ("llama", "mistral", "qwen2", "gqapruned_llama")
-
-
 def _ce_sum(head: torch.nn.Module, h: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     return torch.nn.functional.cross_entropy(head(h).float(), y, reduction="sum")
 
@@ -73,7 +72,7 @@ def causal_lm_loss(model, x: torch.Tensor, chunk_tokens: int = 256) -> torch.Ten
     per copy).
     """
     body, head = model.get_decoder(), model.get_output_embeddings()
-    if getattr(model.config, "model_type", None) not in _PLAIN_HEAD_TYPES or body is None or head is None:
+    if not family_of(model).plain_head or body is None or head is None:
         return model(input_ids=x, labels=x, use_cache=False).loss
     h = body(input_ids=x, use_cache=False).last_hidden_state[:, :-1]
     h = h.reshape(-1, h.shape[-1])
@@ -93,19 +92,16 @@ class _Accumulator:
         self.scores = zeros(layout)
         # a signed criterion sums its terms over the whole unit within a batch, then takes |.|
         self.batch = zeros(layout)
-        self.params = []  # (layer, proj, is_bias, param)
-        for i, layer in enumerate(decoder_layers(model)):
-            for proj in ATTN_PROJS + MLP_PROJS:
-                lin = projection(layer, proj)
+        self.params = []  # (layer, projection, is_bias, param)
+        for i, projs in enumerate(layer_projections(model)):
+            for proj, lin in projs:
                 self.params.append((i, proj, False, lin.weight))
                 if lin.bias is not None:
                     self.params.append((i, proj, True, lin.bias))
 
-    def fold(self, i: int, proj: str, is_bias: bool, p: torch.Tensor, grad: torch.Tensor) -> None:
-        kind = PROJ_AXIS[proj][0]
-        n = self.layout.layers[i].n_kv if kind == "kv" else self.layout.layers[i].n_mlp
+    def fold(self, i: int, proj, is_bias: bool, p: torch.Tensor, grad: torch.Tensor) -> None:
         t = self.term(p.detach().float() * grad.float())
-        self.batch[i][kind] += reduce_to_units(t, proj, n, is_bias).double().cpu()
+        self.batch[i][proj.kind] += reduce(t, proj, self.layout.layers[i], self.layout, is_bias).double().cpu()
 
     def end_batch(self) -> None:
         for acc, cur in zip(self.scores, self.batch):

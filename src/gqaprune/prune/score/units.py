@@ -1,43 +1,29 @@
 """Per-weight terms -> one score per unit: which slice of each projection belongs to which unit.
 
 Each projection contributes to units along one axis: q/k/v/gate/up along rows (output
-features), o/down along columns (input features), as docs/architecture.md defines the units.
-``reduce_to_units`` sums an elementwise term over each unit's slice of one projection; a
-unit's score is the sum over its projections.
+features), o/down along columns (input features), as docs/architecture.md defines the units;
+where they sit in each family (fused projections too) is models/family.py's description.
+``reduce`` sums an elementwise term over each unit's slice of one projection; a unit's score is
+the sum over its projections.
 """
 
 from __future__ import annotations
 
 import torch
 
-ATTN_PROJS = ("q_proj", "k_proj", "v_proj", "o_proj")
-MLP_PROJS = ("gate_proj", "up_proj", "down_proj")
-
-# projection name -> (unit kind, axis the units lie along)
-PROJ_AXIS = {
-    "q_proj": ("kv", "row_q"), "k_proj": ("kv", "row_kv"), "v_proj": ("kv", "row_kv"), "o_proj": ("kv", "col_q"),
-    "gate_proj": ("mlp", "row"), "up_proj": ("mlp", "row"), "down_proj": ("mlp", "col"),
-}
+from gqaprune.models.family import Proj, family_of, projection, reduce_to_units
+from gqaprune.models.layout import LayerShape, ModelLayout, decoder_layers
 
 
-def projection(layer, proj: str) -> torch.nn.Linear:
-    """``layer``'s projection ``proj`` (q/k/v/o in self_attn, gate/up/down in mlp)."""
-    return getattr(layer.self_attn if proj in ATTN_PROJS else layer.mlp, proj)
+def layer_projections(model) -> list[list[tuple[Proj, torch.nn.Linear]]]:
+    """Per decoder layer: every projection that holds units, with its description."""
+    fam = family_of(model)
+    return [[(p, projection(layer, p)) for p in fam.projections] for layer in decoder_layers(model)]
 
 
-def reduce_to_units(t: torch.Tensor, proj: str, n_units: int, is_bias: bool = False) -> torch.Tensor:
-    """Sum ``t`` (a weight- or bias-shaped tensor) over each unit's slice -> shape (n_units,).
-
-    o_proj and down_proj biases are per hidden unit, not per pruning unit: they contribute nothing.
-    """
-    _, axis = PROJ_AXIS[proj]
-    if is_bias:
-        if axis.startswith("col"):
-            return torch.zeros(n_units, dtype=t.dtype, device=t.device)
-        return t.reshape(n_units, -1).sum(1)
-    if axis.startswith("row"):
-        return t.reshape(n_units, -1).sum(1)      # rows are contiguous per unit
-    return t.reshape(t.shape[0], n_units, -1).sum((0, 2))  # columns grouped per unit
+def reduce(t: torch.Tensor, proj: Proj, shape: LayerShape, layout: ModelLayout, is_bias: bool = False) -> torch.Tensor:
+    """Sum ``t`` (weight- or bias-shaped) over each unit's slice of ``proj`` in a layer of ``shape``."""
+    return reduce_to_units(t, proj, shape.n_kv, shape.n_mlp, layout.q_per_kv, layout.head_dim, is_bias)
 
 
 def zeros(layout, dtype=torch.float64) -> list[dict[str, torch.Tensor]]:
