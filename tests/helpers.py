@@ -79,7 +79,7 @@ def make_tiny_model(seed: int = 0, **overrides):
 # family -> (transformers config class, overrides of FAMILY_BASE): tiny models of every supported family, each
 # with what makes its family differ (docs/architecture.md, "Families"): Mistral's sliding window, Qwen2's q/k/v
 # biases, Qwen3's q_proj wider than hidden and its q/k norms, Gemma's sandwich norms, soft-capping and
-# alternating sliding-window layers, Phi-3's fused qkv_proj / gate_up_proj
+# sliding-window and global layers, Phi-3's fused qkv_proj / gate_up_proj
 FAMILY_BASE = dict(vocab_size=320, hidden_size=64, intermediate_size=96, num_hidden_layers=3, num_attention_heads=4,
                    num_key_value_heads=2, head_dim=16, max_position_embeddings=512, tie_word_embeddings=False,
                    bos_token_id=1, eos_token_id=2, pad_token_id=0)
@@ -89,9 +89,9 @@ FAMILY_CONFIGS = {
     "qwen2": ("Qwen2Config", {}),
     "qwen3": ("Qwen3Config", {"num_attention_heads": 8, "num_key_value_heads": 4}),
     "gemma2": ("Gemma2Config", {"query_pre_attn_scalar": 16, "sliding_window": 8, "attn_logit_softcapping": 50.0,
-                                "final_logit_softcapping": 30.0}),
-    "gemma3_text": ("Gemma3TextConfig", {"query_pre_attn_scalar": 16, "sliding_window": 8,
-                                         "layer_types": ["sliding_attention", "full_attention", "sliding_attention"]}),
+                                "final_logit_softcapping": 30.0, "tie_word_embeddings": True}),
+    "gemma3_text": ("Gemma3TextConfig", {"query_pre_attn_scalar": 16, "sliding_window": 8, "tie_word_embeddings": True,
+                                         "num_hidden_layers": 6}),   # 5 sliding layers, then a global one
     "phi3": ("Phi3Config", {}),
 }
 

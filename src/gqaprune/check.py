@@ -14,7 +14,7 @@ from pathlib import Path
 
 from gqaprune.errors import GQAPruneError
 from gqaprune.memory import available_memory
-from gqaprune.models.family import FAMILIES, family_for_type
+from gqaprune.models.family import FAMILIES, family_for_type, layer_widths
 from gqaprune.models.layout import head_dim, q_per_kv
 from gqaprune.options import ModelArgs, opt
 from gqaprune.recover.options import LoraRankArgs
@@ -81,25 +81,6 @@ def _config_kv(cfg: dict, i: int) -> int | None:
     if isinstance(per_layer, list) and i < len(per_layer):
         return per_layer[i]
     return cfg.get("num_key_value_heads") or cfg.get("num_attention_heads")
-
-
-def layer_widths(fam, shapes: dict[str, list[int]], i: int) -> tuple[int, int, int, int, int]:
-    """Layer ``i``'s (q rows, k rows, v rows, o_proj inputs, MLP width) from tensor shapes, in any family's
-    layout (a fused qkv_proj holds q, then k, then v: its k and v widths are what o_proj's width leaves)."""
-    p = f"model.layers.{i}."
-    o_in = shapes[p + "self_attn.o_proj.weight"][1]
-    mlp = shapes[p + "mlp.down_proj.weight"][1]
-    widths = {}
-    for proj in fam.projections:
-        shape = shapes[p + proj.path + ".weight"]
-        width = shape[0] if proj.axis == "row" else shape[1]
-        if proj.segments == ("q",) and proj.axis == "row":
-            widths["q"] = width
-        elif "kv" in proj.segments:
-            n_kv_segs = proj.segments.count("kv")
-            widths.setdefault("kv", []).append((width - o_in * proj.segments.count("q")) // n_kv_segs)
-    kv = widths.get("kv", [0])
-    return widths.get("q", o_in), kv[0], kv[-1], o_in, mlp
 
 
 def layer_report(cfg: dict, shapes: dict[str, list[int]], expect_r: int | None) -> tuple[list[dict], list[str]]:

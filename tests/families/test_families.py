@@ -56,7 +56,7 @@ def zero_units(model, kv_rm: dict[int, list[int]], ch_rm: dict[int, list[int]]) 
 
 
 # uniform: the same units everywhere; per-layer: a layer that differs from both neighbours
-CUTS = {"uniform": ({0: [1], 1: [1], 2: [1]}, {0: [3, 50, 95], 1: [3, 50, 95], 2: [3, 50, 95]}),
+CUTS = {"uniform": ({i: [1] for i in range(6)}, {i: [3, 50, 95] for i in range(6)}),
         "per-layer": ({1: [0]}, {0: [5], 2: list(range(40))})}
 
 
@@ -228,3 +228,26 @@ def test_dense_target_refit_is_refused_for_sandwich_norms(family, calib_ids):
         compensate(model, plan, calib_ids, target="dense", progress=False)
     rep = compensate(model, plan, calib_ids, target="layer", holdout=0.25, progress=False)   # the pre-norm target
     assert rep["summary"]["mlp"]["err_after"] <= rep["summary"]["mlp"]["err_before"]
+
+
+@pytest.mark.parametrize("family", FAMILY_NAMES)
+def test_evaluate_and_benchmark(saved, family, tmp_path):
+    """gqaprune eval (perplexity, zero-shot) and bench on the saved per-layer checkpoint of each family."""
+    from gqaprune.bench.command import BenchOptions, bench
+    from gqaprune.evaluate.suite import EvalOptions, evaluate_model
+    from helpers import write_text
+
+    made, _ = saved
+    folder = made[(family, "per-layer")][0]
+    text = write_text(tmp_path / "t.txt")
+    tasks = ["piqa"] if family in ("gemma2", "phi3") else []   # lm-eval's harness once on a fused and a sandwich family
+    res = evaluate_model(EvalOptions(model=folder, ppl=[str(text)], seq_len=32, tasks=tasks, limit=4, device="cpu",
+                                     dtype="fp32"))
+    one = res.to_dict()["results"][0]
+    assert one["ppl"][0]["n_tokens"] > 0 and 1 < one["ppl"][0]["ppl"] < 1e6
+    assert set(one["tasks"]) == set(tasks)
+    b = bench(BenchOptions(models=[made[(family, "uniform")][0], folder], prompt_len=16, new_tokens=4,
+                           batch_sizes=[1], repeats=1, warmup=1, device="cpu", dtype="fp32"))
+    rows = b.rows
+    assert len(rows) == 2 and all(r.decode_tok_s > 0 and r.prefill_tok_s > 0 for r in rows)
+    assert rows[1].flops_ratio_prefill > 0

@@ -3,10 +3,16 @@
 Written with the ``gguf`` package from the checkpoint's safetensors, config and tokenizer; the
 model is never instantiated, so memory stays near one tensor at a time plus the output.
 
-* **Arch.** Same counts in every layer: ``llama`` with scalar head counts and MLP width. Counts
-  that differ per layer (``--layout per-layer``): ``deci``, whose ``head_count``,
-  ``head_count_kv`` and ``feed_forward_length`` are per-layer arrays (llama.cpp's ``llama``
-  arch takes layer 0's counts for every layer and refuses the shapes).
+* **Arch** (``ARCHS``). Families whose math is Llama's (Llama, Mistral, Qwen2 with its q/k/v
+  biases, Phi-3 with its fused projections split): same counts in every layer -> ``llama`` with
+  scalar head counts and MLP width; counts that differ per layer (``--layout per-layer``) ->
+  ``deci``, whose ``head_count``, ``head_count_kv`` and ``feed_forward_length`` are per-layer
+  arrays (llama.cpp's other archs size every layer from layer 0 and refuse the shapes). Qwen2 and
+  Phi-3 are not written as llama.cpp's ``qwen2`` / ``phi3``: those graphs assume query heads x
+  head_dim = hidden size, which pruning breaks. Qwen3, Gemma-2 and Gemma-3 -> ``qwen3``,
+  ``gemma2``, ``gemma3`` (uniform only), with Gemma's norms stored as 1 + weight, as llama.cpp
+  reads them, and only where llama.cpp's fixed choices (Gemma's sliding-window pattern,
+  query scale, local RoPE base) equal the checkpoint's; anything else is refused with the reason.
 * **Heads.** ``attention.key_length`` / ``value_length`` and ``rope.dimension_count`` are always
   written, equal to head_dim: after pruning, query heads x head_dim is not the hidden size, and
   llama.cpp would otherwise derive head_dim from it ("invalid n_rot").
@@ -43,6 +49,7 @@ import torch
 from gqaprune import __version__
 from gqaprune.errors import GQAPruneError
 from gqaprune.export import gguf_vocab
+from gqaprune.models.family import family_for_type, family_of, layer_widths, supported
 from gqaprune.models.layout import head_dim as config_head_dim
 from gqaprune.options import Args, opt
 from gqaprune.outputs import stale_files
@@ -52,12 +59,29 @@ log = logging.getLogger(__name__)
 OUTTYPES = ("f32", "f16", "bf16", "q8_0")
 FORMATS = ("gguf",)
 GQAPRUNE_KEY = "gqaprune.version"   # marks a GGUF this tool wrote (only those may be overwritten)
-_SUPPORTED = ("llama", "mistral", "gqapruned_llama", "nemotron-nas")
+
+
+@dataclass(frozen=True)
+class Arch:
+    """How one family is written: llama.cpp arch for the same counts in every layer and for per-layer counts
+    (None: refused), whether q/k rows are regrouped for llama.cpp's pairwise RoPE, and what is added to norms."""
+
+    uniform: str
+    per_layer: str | None
+    permute: bool = True
+    norm_shift: float = 0.0
+
+
+ARCHS = {"llama": Arch("llama", "deci"), "mistral": Arch("llama", "deci"), "qwen2": Arch("llama", "deci"),
+         "phi3": Arch("llama", "deci"), "qwen3": Arch("qwen3", None, permute=False),
+         "gemma2": Arch("gemma2", None, permute=False, norm_shift=1.0),
+         "gemma3_text": Arch("gemma3", None, permute=False, norm_shift=1.0)}
 
 
 @dataclass
 class ExportOptions(Args):
-    checkpoint: str | None = opt(None, "checkpoint folder to export (a prune or merge output, or a stock Llama folder)")
+    checkpoint: str | None = opt(None, "checkpoint folder to export (a prune or merge output, or a stock folder of a "
+                                       "supported family)")
     format: str = opt("gguf", "output format", choices=FORMATS)
     output: str | None = opt(None, "the .gguf file to write (its folder must exist)", aliases=("-o",))
     outtype: str = opt("f16", "tensor type of the weights (1-D tensors stay f32)", choices=OUTTYPES)
@@ -124,9 +148,10 @@ def check_export_inputs(opts: ExportOptions) -> tuple[Path, dict]:
         cfg = json.loads((folder / "config.json").read_text())
     except (ValueError, UnicodeDecodeError) as e:
         raise GQAPruneError(f"export {folder}: config.json is not valid JSON ({e})") from e
-    if cfg.get("model_type") not in _SUPPORTED:
-        raise GQAPruneError(f"export {folder}: model_type {cfg.get('model_type')!r} is not a gqaprune or stock Llama "
-                            f"checkpoint; the GGUF export writes {', '.join(_SUPPORTED)}")
+    fam = family_for_type(cfg.get("model_type"))
+    if fam is None or fam.name not in ARCHS:
+        raise GQAPruneError(f"export {folder}: model_type {cfg.get('model_type')!r} is not a checkpoint of a family "
+                            f"gqaprune exports; the GGUF export writes {supported()}")
     if not sorted(folder.glob("*.safetensors")):
         raise GQAPruneError(f"export {folder}: no .safetensors weights in the folder")
     out = Path(opts.output).expanduser()
@@ -201,12 +226,14 @@ def permute_rope(w: torch.Tensor, n_heads: int) -> torch.Tensor:
 def layer_shapes(cfg: dict, t: _Tensors) -> dict:
     """Per layer: query heads, KV heads, MLP width, read from the weights (what llama.cpp will size by)."""
     d = config_head_dim(cfg)
+    fam = family_of(cfg)
     out = {"head_count": [], "head_count_kv": [], "feed_forward_length": []}
+    shapes = {k: t.shape(k) for k in t.where}
     for i in range(cfg["num_hidden_layers"]):
-        p = f"model.layers.{i}."
-        out["head_count"].append(t.shape(p + "self_attn.q_proj.weight")[0] // d)
-        out["head_count_kv"].append(t.shape(p + "self_attn.k_proj.weight")[0] // d)
-        out["feed_forward_length"].append(t.shape(p + "mlp.gate_proj.weight")[0])
+        q, k, _, _, mlp = layer_widths(fam, shapes, i)
+        out["head_count"].append(q // d)
+        out["head_count_kv"].append(k // d)
+        out["feed_forward_length"].append(mlp)
     if min(out["feed_forward_length"]) < 1 or min(out["head_count_kv"]) < 1:
         # llama.cpp's deci skips a layer's attention result when its MLP width is 0; gqaprune's plans always keep
         # at least one channel and one KV group (--min-mlp >= 1)
@@ -218,6 +245,8 @@ def rope(cfg: dict) -> tuple[float, dict]:
     """(rope theta, scaling parameters) from a config.json in either spelling: transformers 5's
     ``rope_parameters`` (theta and scaling in one dict) or 4.x's ``rope_theta`` + ``rope_scaling``."""
     params = dict(cfg.get("rope_parameters") or {})
+    if isinstance(params.get("full_attention"), dict):   # per layer type (Gemma-3): the global layers' RoPE
+        params = dict(params["full_attention"])
     theta = float(params.get("rope_theta", cfg.get("rope_theta", 10000.0)))
     scaling = dict(cfg.get("rope_scaling") or {}) or {k: v for k, v in params.items() if k != "rope_theta"}
     kind = str(scaling.get("rope_type", scaling.get("type", "default"))).lower()
@@ -274,8 +303,8 @@ def add_tensor(writer, name: str, w: torch.Tensor, outtype: str) -> None:
 
 def _metadata(writer, cfg: dict, arch: str, shapes: dict, d: int, vocab_size: int, outtype: str, plan: dict | None,
               folder: Path) -> None:
-    uniform = arch == "llama"
-    pick = (lambda k: shapes[k][0]) if uniform else (lambda k: list(map(int, shapes[k])))
+    per_layer = arch == "deci"
+    pick = (lambda k: list(map(int, shapes[k]))) if per_layer else (lambda k: shapes[k][0])
     writer.add_block_count(cfg["num_hidden_layers"])
     writer.add_context_length(int(cfg.get("max_position_embeddings", 2048)))
     writer.add_embedding_length(cfg["hidden_size"])
@@ -297,9 +326,50 @@ def _metadata(writer, cfg: dict, arch: str, shapes: dict, d: int, vocab_size: in
         raise GQAPruneError(f"export {folder}: rope_scaling type {kind!r} is not supported by the exporter yet "
                             "(llama3 and linear are)")
     writer.add_layer_norm_rms_eps(float(cfg.get("rms_norm_eps", 1e-6)))
+    if arch in ("gemma2", "gemma3"):
+        if cfg.get("sliding_window"):
+            writer.add_sliding_window(int(cfg["sliding_window"]))
+        if cfg.get("attn_logit_softcapping") is not None:
+            writer.add_attn_logit_softcapping(float(cfg["attn_logit_softcapping"]))
+        if cfg.get("final_logit_softcapping") is not None:
+            writer.add_final_logit_softcapping(float(cfg["final_logit_softcapping"]))
     writer.add_vocab_size(vocab_size)
     writer.add_file_type(_file_type(outtype))
     _provenance(writer, cfg, plan, folder)
+
+
+def check_family_rules(fam, cfg: dict, folder: Path) -> None:
+    """Refuse what llama.cpp's graph for the family fixes differently from this checkpoint (it would load and
+    compute something else)."""
+    d = config_head_dim(cfg)
+    n = cfg["num_hidden_layers"]
+    why = []
+    if fam.name in ("gemma2", "gemma3_text"):
+        if cfg.get("query_pre_attn_scalar", d) != d:
+            why.append(f"query_pre_attn_scalar {cfg.get('query_pre_attn_scalar')} != head_dim {d} (llama.cpp scales "
+                       "queries by 1/sqrt(head_dim))")
+        every = 2 if fam.name == "gemma2" else 6   # llama.cpp: layer i slides when i % every < every - 1
+        want = ["sliding_attention" if i % every < every - 1 else "full_attention" for i in range(n)]
+        if cfg.get("layer_types") not in (None, want):
+            why.append(f"layer_types {cfg.get('layer_types')} are not llama.cpp's fixed pattern {want}")
+        local = (cfg.get("rope_parameters") or {}).get("sliding_attention", {}).get("rope_theta",
+                                                                                  cfg.get("rope_local_base_freq"))
+        if fam.name == "gemma3_text" and local not in (None, 10000, 10000.0):
+            why.append(f"the sliding layers' RoPE base is {local} (llama.cpp uses 10000)")
+        if not cfg.get("tie_word_embeddings", True):
+            why.append("lm_head is not tied to the embeddings (llama.cpp's Gemma has no separate output matrix)")
+    if fam.name == "phi3":
+        _, rs = rope(cfg)
+        if rs or float(cfg.get("partial_rotary_factor", 1.0)) != 1.0:
+            why.append("its RoPE is scaled (longrope) or partial; written as llama.cpp's llama arch it would not be")
+    if why:
+        raise GQAPruneError(f"export {folder}: {fam.label} checkpoint that llama.cpp would run differently: "
+                            + "; ".join(why))
+    if ARCHS[fam.name].uniform == "llama" and cfg.get("sliding_window") and \
+            int(cfg["sliding_window"]) < int(cfg.get("max_position_embeddings", 0)):
+        log.warning("export %s: its %d-token sliding window is not written (llama.cpp's llama arch has none, as "
+                    "with llama.cpp's own converter): outputs are the same up to %d tokens of context", folder,
+                    int(cfg["sliding_window"]), int(cfg["sliding_window"]))
 
 
 def _provenance(writer, cfg: dict, plan: dict | None, folder: Path) -> None:
@@ -323,34 +393,60 @@ def _provenance(writer, cfg: dict, plan: dict | None, folder: Path) -> None:
     writer.add_tags(["gqaprune", "pruned"] if plan else ["gqaprune"])
 
 
+def layer_tensors(fam, spec: Arch, t: _Tensors, i: int, shapes: dict) -> list[tuple[str, torch.Tensor]]:
+    """Layer ``i``'s tensors in llama.cpp's names: fused projections split (Phi-3), q/k regrouped for pairwise
+    RoPE (llama/deci), Gemma's norms shifted."""
+    p = f"model.layers.{i}."
+    norms = {"attn_norm": fam.attn_norm, "ffn_norm": fam.mlp_norm, "post_attention_norm": fam.attn_out_norm,
+             "post_ffw_norm": fam.mlp_out_norm, "attn_q_norm": "self_attn.q_norm", "attn_k_norm": "self_attn.k_norm"}
+    out = [(f"blk.{i}.{g}.weight", t.get(p + h + ".weight") + spec.norm_shift)
+           for g, h in norms.items() if h and p + h + ".weight" in t]
+    d = shapes["head_dim"]
+    q, kv = shapes["head_count"][i] * d, shapes["head_count_kv"][i] * d
+    parts = {"attn_q": ("self_attn.q_proj", None), "attn_k": ("self_attn.k_proj", None),
+             "attn_v": ("self_attn.v_proj", None), "attn_output": ("self_attn.o_proj", None),
+             "ffn_gate": ("mlp.gate_proj", None), "ffn_up": ("mlp.up_proj", None), "ffn_down": ("mlp.down_proj", None)}
+    if p + "self_attn.qkv_proj.weight" in t:   # Phi-3: q rows, then k, then v; gate half, then up
+        mlp = shapes["feed_forward_length"][i]
+        parts.update({"attn_q": ("self_attn.qkv_proj", (0, q)), "attn_k": ("self_attn.qkv_proj", (q, q + kv)),
+                      "attn_v": ("self_attn.qkv_proj", (q + kv, q + 2 * kv)),
+                      "ffn_gate": ("mlp.gate_up_proj", (0, mlp)), "ffn_up": ("mlp.gate_up_proj", (mlp, 2 * mlp))})
+    heads = {"attn_q": shapes["head_count"][i], "attn_k": shapes["head_count_kv"][i]}
+    for g, (h, rows) in parts.items():
+        for kind in ("weight", "bias"):
+            key = p + h + "." + kind
+            if key not in t:
+                continue
+            w = t.get(key)
+            if rows is not None:
+                w = w[rows[0]:rows[1]]
+            if spec.permute and g in heads:
+                w = permute_rope(w, heads[g])
+            out.append((f"blk.{i}.{g}.{kind}", w))
+    return out
+
+
 def _tensors(writer, cfg: dict, t: _Tensors, shapes: dict, outtype: str) -> int:
     """Write every tensor in llama.cpp's names; returns how many."""
-    names = [("token_embd.weight", "model.embed_tokens.weight"), ("output_norm.weight", "model.norm.weight")]
+    fam = family_of(cfg)
+    spec = ARCHS[fam.name]
+    names = [("token_embd.weight", "model.embed_tokens.weight", 0.0),
+             ("output_norm.weight", "model.norm.weight", spec.norm_shift)]
     if "lm_head.weight" in t:
-        names.append(("output.weight", "lm_head.weight"))
+        names.append(("output.weight", "lm_head.weight", 0.0))
     n = 0
-    for gname, hname in names:
-        add_tensor(writer, gname, t.get(hname), outtype)
+    for gname, hname, shift in names:
+        add_tensor(writer, gname, t.get(hname) + shift, outtype)
         n += 1
     freqs = llama3_rope_freqs(cfg, config_head_dim(cfg))
     if freqs is not None:
         writer.add_tensor("rope_freqs.weight", freqs)
         n += 1
-    sub = {"attn_norm": "input_layernorm", "ffn_norm": "post_attention_layernorm", "attn_q": "self_attn.q_proj",
-           "attn_k": "self_attn.k_proj", "attn_v": "self_attn.v_proj", "attn_output": "self_attn.o_proj",
-           "ffn_gate": "mlp.gate_proj", "ffn_up": "mlp.up_proj", "ffn_down": "mlp.down_proj"}
+    shapes = dict(shapes, head_dim=config_head_dim(cfg))
     for i in range(cfg["num_hidden_layers"]):
-        heads = {"attn_q": shapes["head_count"][i], "attn_k": shapes["head_count_kv"][i]}
-        for gname, hname in sub.items():
-            for kind in ("weight", "bias"):
-                key = f"model.layers.{i}.{hname}.{kind}"
-                if key not in t:
-                    continue
-                w = t.get(key)
-                if gname in heads:
-                    w = permute_rope(w, heads[gname])
-                add_tensor(writer, f"blk.{i}.{gname}.{kind}", w, outtype)
-                n += 1
+        for gname, w in layer_tensors(fam, spec, t, i, shapes):
+            add_tensor(writer, gname, w, outtype)
+            n += 1
     return n
 
 
@@ -361,8 +457,15 @@ def write_gguf(folder: Path, cfg: dict, out: Path, opts: ExportOptions) -> Expor
     t0 = time.perf_counter()
     t = _Tensors(folder)
     shapes = layer_shapes(cfg, t)
+    fam = family_of(cfg)
+    spec = ARCHS[fam.name]
+    check_family_rules(fam, cfg, folder)
     uniform = all(len(set(v)) == 1 for v in shapes.values())
-    arch = "llama" if uniform else "deci"
+    arch = spec.uniform if uniform else spec.per_layer
+    if arch is None:
+        raise GQAPruneError(f"export {folder}: its layers differ in size, and llama.cpp's {spec.uniform} arch sizes "
+                            f"every layer like the first (it has no per-layer {fam.label} arch); prune with --layout "
+                            "uniform to export it to GGUF, or serve this checkpoint with transformers")
     plan_file = folder / "prune_plan.json"
     plan = json.loads(plan_file.read_text()) if plan_file.is_file() else None
     vocab_size = int(cfg["vocab_size"])

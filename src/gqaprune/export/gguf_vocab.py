@@ -5,7 +5,7 @@ Written from the checkpoint's own Hugging Face tokenizer files, so llama.cpp tok
 checkpoint does. The one thing llama.cpp needs that the files do not say directly is the
 pre-tokenizer name (``tokenizer.ggml.pre``): it is read off the tokenizer's pre-tokenizer
 definition (``tokenizer.json``) for the shapes this project meets (GPT-2 byte-level; SmolLM's
-digit split + byte-level; Llama-3's split regex), or carried over from the source GGUF when the
+digit split + byte-level; Llama-3's and Qwen2's split regexes), or carried over from the source GGUF when the
 checkpoint was pruned from one (the built-in SmolLM2 alias is a GGUF whose metadata names it),
 or given with ``--pre-tokenizer``.
 """
@@ -34,9 +34,17 @@ def pre_tokenizer_name(tok_json: dict) -> str | None:
         return "smollm"
     if types and types[0] == "Split":
         regex = (parts[0].get("pattern") or {}).get("Regex", "")
-        if regex.startswith(_LLAMA3_REGEX_START):
-            return "llama-bpe"
+        if regex.startswith(_LLAMA3_REGEX_START):   # Llama-3 groups digits by 3, Qwen2 splits every digit
+            return "llama-bpe" if r"\p{N}{1,3}" in regex else "qwen2" if r"|\p{N}|" in regex else None
     return None
+
+
+def sentencepiece_style(tok_json: dict) -> bool:
+    """A SentencePiece-style tokenizer (byte fallback, Metaspace): Gemma's, Phi-3's, Llama-2's. llama.cpp reads
+    those as its "llama" tokenizer model with scores, which this exporter does not write."""
+    model = tok_json.get("model") or {}
+    return bool(model.get("byte_fallback")) or "Metaspace" in json.dumps(
+        [tok_json.get("pre_tokenizer"), tok_json.get("normalizer"), tok_json.get("decoder")])
 
 
 def source_pre_tokenizer(source_model: str | None) -> str | None:
@@ -64,9 +72,12 @@ def write_vocab(writer, folder: Path, vocab_size: int, *, pre: str | None = None
         raise GQAPruneError(f"export {folder}: no tokenizer.json; the GGUF export needs the fast (BPE) tokenizer "
                             "file in the checkpoint folder")
     tok_json = json.loads(tok_file.read_text())
-    if (tok_json.get("model") or {}).get("type") != "BPE":
-        raise GQAPruneError(f"export {folder}: the tokenizer is {tok_json.get('model', {}).get('type')}, not BPE; "
-                            "the exporter writes BPE (GPT-2 style) tokenizers such as SmolLM2's and Llama-3's")
+    if (tok_json.get("model") or {}).get("type") != "BPE" or sentencepiece_style(tok_json):
+        raise GQAPruneError(f"export {folder}: the tokenizer is SentencePiece-style or not BPE "
+                            f"({tok_json.get('model', {}).get('type')}); the exporter writes byte-level BPE (GPT-2 "
+                            "style) tokenizers such as SmolLM2's, Llama-3's and Qwen's. For Gemma, Phi-3 and other "
+                            "SentencePiece models, export the checkpoint folder with llama.cpp's own "
+                            "convert_hf_to_gguf.py (uniform layout)")
     pre = pre or source_pre_tokenizer(source_model) or pre_tokenizer_name(tok_json)
     if pre is None:
         raise GQAPruneError(f"export {folder}: the tokenizer's pre-tokenizer is not one gqaprune recognises "

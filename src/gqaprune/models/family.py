@@ -16,8 +16,7 @@ layer-by-layer runner, compensation, export and LoRA ask it instead of naming mo
 * ``stock_divisible``: the family's stock config refuses a hidden size that is not a multiple
   of the query heads (transformers 5's Llama and Gemma configs do), so such uniform shapes are
   written another way (prune/surgery.py says which);
-* ``gguf_arch``: llama.cpp's name for the family (uniform layout), ``lora_targets``: the
-  Linear names LoRA adapts by default, and ``plain_head``: whether the logits are exactly
+* ``lora_targets``: the Linear names LoRA adapts by default, and ``plain_head``: whether the logits are exactly
   lm_head(norm(h)) (Gemma soft-caps them), which the chunked calibration loss relies on.
 
 All families have ``self_attn.o_proj`` and ``mlp.down_proj`` (the projections that consume the
@@ -64,7 +63,6 @@ class Family:
     mlp_out_norm: str | None = None        # applied to down_proj's output before the residual add (Gemma)
     kept_whole: tuple[str, ...] = ()       # per-head-dim modules shared by all heads: never sliced
     stock_divisible: bool = False          # the stock config refuses hidden_size % query heads != 0
-    gguf_arch: str | None = None           # llama.cpp's arch for the uniform layout
     plain_head: bool = True                # logits are exactly lm_head(norm(h)): no soft-capping or scaling
     lora_targets: tuple[str, ...] = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "down_proj", "up_proj")
 
@@ -84,16 +82,14 @@ class Family:
 _GEMMA = dict(mlp_norm="pre_feedforward_layernorm", attn_out_norm="post_attention_layernorm",
               mlp_out_norm="post_feedforward_layernorm", stock_divisible=True, plain_head=False)
 FAMILIES = {f.name: f for f in (
-    Family("llama", "Llama (Llama-2/3, SmolLM2, ...)", "meta-llama/Meta-Llama-3-8B", stock_divisible=True,
-           gguf_arch="llama"),
-    Family("mistral", "Mistral", "mistralai/Mistral-7B-v0.3", gguf_arch="llama"),
-    Family("qwen2", "Qwen2 / Qwen2.5", "Qwen/Qwen2.5-0.5B", gguf_arch="qwen2"),
-    Family("qwen3", "Qwen3", "Qwen/Qwen3-0.6B", kept_whole=("self_attn.q_norm", "self_attn.k_norm"),
-           gguf_arch="qwen3"),
-    Family("gemma2", "Gemma-2", "google/gemma-2-2b", gguf_arch="gemma2", **_GEMMA),
+    Family("llama", "Llama (Llama-2/3, SmolLM2, ...)", "meta-llama/Meta-Llama-3-8B", stock_divisible=True),
+    Family("mistral", "Mistral", "mistralai/Mistral-7B-v0.3"),
+    Family("qwen2", "Qwen2 / Qwen2.5", "Qwen/Qwen2.5-0.5B"),
+    Family("qwen3", "Qwen3", "Qwen/Qwen3-0.6B", kept_whole=("self_attn.q_norm", "self_attn.k_norm")),
+    Family("gemma2", "Gemma-2", "google/gemma-2-2b", **_GEMMA),
     Family("gemma3_text", "Gemma-3 (text)", "google/gemma-3-1b-pt", kept_whole=("self_attn.q_norm", "self_attn.k_norm"),
-           gguf_arch="gemma3", **_GEMMA),
-    Family("phi3", "Phi-3", "microsoft/Phi-3-mini-4k-instruct", gguf_arch="phi3",
+           **_GEMMA),
+    Family("phi3", "Phi-3", "microsoft/Phi-3-mini-4k-instruct",
            lora_targets=("qkv_proj", "o_proj", "gate_up_proj", "down_proj")),
 )}
 # model_type -> family: the stock types, gqaprune's per-layer types, and the DeciLM (per-layer-mlp) type
@@ -158,3 +154,22 @@ def reduce_to_units(t: torch.Tensor, proj: Proj, n_kv: int, n_mlp: int, r: int, 
         for part in t.split(widths, dim=1):
             total += part.reshape(t.shape[0], n, -1).sum((0, 2))   # columns grouped per unit
     return total
+
+
+def layer_widths(fam, shapes: dict[str, list[int]], i: int) -> tuple[int, int, int, int, int]:
+    """Layer ``i``'s (q rows, k rows, v rows, o_proj inputs, MLP width) from tensor shapes, in any family's
+    layout (a fused qkv_proj holds q, then k, then v: its k and v widths are what o_proj's width leaves)."""
+    p = f"model.layers.{i}."
+    o_in = shapes[p + "self_attn.o_proj.weight"][1]
+    mlp = shapes[p + "mlp.down_proj.weight"][1]
+    widths = {}
+    for proj in fam.projections:
+        shape = shapes[p + proj.path + ".weight"]
+        width = shape[0] if proj.axis == "row" else shape[1]
+        if proj.segments == ("q",) and proj.axis == "row":
+            widths["q"] = width
+        elif "kv" in proj.segments:
+            n_kv_segs = proj.segments.count("kv")
+            widths.setdefault("kv", []).append((width - o_in * proj.segments.count("q")) // n_kv_segs)
+    kv = widths.get("kv", [0])
+    return widths.get("q", o_in), kv[0], kv[-1], o_in, mlp
