@@ -47,12 +47,10 @@ def cmd_prune(ns) -> int:
     if res.output:
         con.print(f"[bold]saved[/]      {res.output}/ (safetensors, config, tokenizer, prune_plan.json, kept_units.png, "
                   "README.md model card)")
-    per_layer = not plan.is_uniform()
-    con.print("[bold]serve[/]      " + (
-        "per-layer shapes: transformers (trust_remote_code) and llama.cpp / Ollama (gqaprune export --format gguf); "
-        "stock vLLM cannot serve them (its per-layer model keeps the query heads global): use --layout uniform for "
-        "vLLM" if per_layer else "uniform shapes: stock transformers, vLLM and llama.cpp (gqaprune export --format "
-        "gguf) load it as it is"))
+    from gqaprune.export.gguf import where_it_runs
+
+    con.print("[bold]serve[/]      " + where_it_runs(plan.source_shape.get("family", "llama"), not plan.is_uniform(),
+                                                     plan.layout))
     if opts.plan is None and not opts.compensate and opts.criterion == "taylor" and opts.layout == "uniform":
         con.print("[dim]tip: for better one-shot quality see the README's 'Best one-shot quality' recipe "
                   "(measured in benchmarks/results/ablation_smollm2.md)[/]")
@@ -210,7 +208,8 @@ def _load(spec: str):
 def build_parser() -> argparse.ArgumentParser:
     from gqaprune import __version__
 
-    p = argparse.ArgumentParser(prog="gqaprune", description="GQA-aware structured pruning for Llama-family models.")
+    p = argparse.ArgumentParser(prog="gqaprune", description="GQA-aware structured pruning for Llama, Mistral, Qwen2/2.5, "
+                                "Qwen3, Gemma-2, Gemma-3 and Phi-3 models.")
     p.add_argument("--version", action="version", version=f"gqaprune {__version__}")
     p.add_argument("-v", "--verbose", action="store_true", help="log at INFO level")
     sub = p.add_subparsers(dest="command", metavar="COMMAND")

@@ -78,6 +78,24 @@ ARCHS = {"llama": Arch("llama", "deci"), "mistral": Arch("llama", "deci"), "qwen
          "gemma3_text": Arch("gemma3", None, permute=False, norm_shift=1.0)}
 
 
+def where_it_runs(family: str, per_layer: bool, layout: str | None = None) -> str:
+    """One sentence: which engines serve a checkpoint of this family and shape (the prune summary, the model card)."""
+    from gqaprune.models.family import FAMILIES
+
+    fam, spec = FAMILIES[family], ARCHS[family]
+    if not per_layer:
+        return (f"uniform shapes: a stock {fam.label} config, so stock transformers and vLLM load it as it is, and "
+                f"`gqaprune export --format gguf` writes it for llama.cpp / Ollama / LM Studio (arch {spec.uniform})")
+    gguf = (f"`gqaprune export --format gguf` writes it for llama.cpp / Ollama / LM Studio (arch {spec.per_layer})"
+            if spec.per_layer else f"llama.cpp has no per-layer {fam.label} arch, so it cannot be exported to GGUF")
+    if layout == "per-layer-mlp":
+        return ("same KV groups in every layer, MLP widths per layer, as DeciLM block_configs: vLLM's "
+                f"DeciLMForCausalLM serves it, transformers loads it with trust_remote_code, and {gguf}")
+    return (f"per-layer shapes: transformers loads it (trust_remote_code, or after import gqaprune) and {gguf}; stock "
+            "vLLM cannot serve it (its per-layer model keeps the query heads global): use --layout uniform"
+            + (" or --layout per-layer-mlp" if family == "llama" else "") + " for vLLM")
+
+
 @dataclass
 class ExportOptions(Args):
     checkpoint: str | None = opt(None, "checkpoint folder to export (a prune or merge output, or a stock folder of a "

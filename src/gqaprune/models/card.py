@@ -41,17 +41,15 @@ def _ppl_rows(ppl: list[dict], label: str) -> list[str]:
             f"{p['ppl']:.2f} |" for p in ppl]
 
 
-def _load_lines(per_layer: bool, folder_name: str) -> list[str]:
+def _load_lines(per_layer: bool, folder_name: str, serve: str) -> list[str]:
     if per_layer:
-        return ["Per-layer layout (layers differ in KV groups and MLP width): the model class ships in this folder",
-                "(`gqapruned.py`, `auto_map`), so it loads anywhere with `trust_remote_code=True`, or with",
-                "gqaprune installed without it:", "", "```python",
+        return ["Per-layer layout (layers differ in KV groups or MLP width): the model code ships in this folder",
+                "(`auto_map`), so it loads anywhere with `trust_remote_code=True`, or with gqaprune installed",
+                "without it:", "", "```python",
                 "from transformers import AutoModelForCausalLM, AutoTokenizer",
                 f'model = AutoModelForCausalLM.from_pretrained("{folder_name}", trust_remote_code=True)',
-                f'tok = AutoTokenizer.from_pretrained("{folder_name}")', "```", "",
-                "Stock vLLM cannot serve it (its per-layer model keeps the query heads global); use the GGUF route "
-                "below, or prune with `--layout uniform`."]
-    return ["Uniform layout: a stock config, so stock transformers, vLLM and llama.cpp's converter load it:", "",
+                f'tok = AutoTokenizer.from_pretrained("{folder_name}")', "```", "", f"Where it runs: {serve}."]
+    return [f"Where it runs: {serve}.", "",
             "```python", "from transformers import AutoModelForCausalLM, AutoTokenizer",
             f'model = AutoModelForCausalLM.from_pretrained("{folder_name}")',
             f'tok = AutoTokenizer.from_pretrained("{folder_name}")', "```"]
@@ -60,6 +58,8 @@ def _load_lines(per_layer: bool, folder_name: str) -> list[str]:
 def model_card(plan: dict, *, folder_name: str, command: str, per_layer: bool, ppl_before: list[dict] | None = None,
                ppl_after: list[dict] | None = None, title: str = "pruned", extra: list[str] | None = None) -> str:
     """The README.md text for a checkpoint made from ``plan`` (the plan as saved: a dict)."""
+    from gqaprune.export.gguf import where_it_runs
+
     prov = plan.get("provenance", {})
     src = prov.get("source_model", "?")
     base, lic = base_model_info(src)
@@ -88,7 +88,8 @@ def model_card(plan: dict, *, folder_name: str, command: str, per_layer: bool, p
                  "|---|---|---|---:|---:|---:|---:|"] + _ppl_rows(ppl_before, "before") + _ppl_rows(ppl_after, "after")
     body += ["", "## How it was made", "", "```bash", command, "```", "", "The full plan (kept units, provenance) is "
              "`prune_plan.json`; re-apply it to the original model with `gqaprune prune --model ORIGINAL --plan "
-             "prune_plan.json --output DIR`.", "", "## How to load it", ""] + _load_lines(per_layer, folder_name)
+             "prune_plan.json --output DIR`.", "", "## How to load it", ""] + _load_lines(
+        per_layer, folder_name, where_it_runs(shape.get("family", "llama"), per_layer, plan.get("layout")))
     body += ["", "## Export to GGUF (llama.cpp, Ollama, LM Studio)", "", "```bash",
              f"gqaprune export {folder_name} --format gguf --output {folder_name}.gguf --outtype f16 "
              "[--quantize Q4_K_M]", "```"]

@@ -17,6 +17,7 @@ from gqaprune.prune.allocate.search import MOVES as SEARCH_MOVES
 from gqaprune.prune.budget import Budget
 from gqaprune.prune.compensate import TARGETS as COMPENSATE_TARGETS
 from gqaprune.models.pruned_deci import FFN_MULTIPLE as DECI_MULTIPLE
+from gqaprune.models.family import FAMILIES
 from gqaprune.prune.plan import LAYOUTS, PER_LAYER
 from gqaprune.prune.score import CRITERIA
 
@@ -176,7 +177,8 @@ class PruneOutputArgs(Args):
 class PruneOptions(BudgetArgs, CriterionArgs, LayoutArgs, QualityArgs, CalibrationArgs, PPLArgs, PruneOutputArgs,
                    ModelArgs):
     model: str = opt("smollm2-135m", "model to prune: HF folder, Hub id, .gguf file, alias smollm2-135m, or legacy "
-                     "pytorch_model.bin (with --allow-pickle)")
+                     "pytorch_model.bin (with --allow-pickle), of one of these families: " + "; ".join(
+                         f"{f.label}: {f.example}" for f in FAMILIES.values()))
 
     def __post_init__(self) -> None:
         super().__post_init__()
