@@ -5,7 +5,8 @@
         [--ppl-tokens 32768] [--out benchmarks/results/llamacpp_smollm2]
 
 Models: dense, uniform 20% / 50%, per-layer 20% / 50%, and the largest reduction gqaprune allows
-on SmolLM2 (every layer keeps one KV group and one MLP channel), all pruned in this run from the
+on SmolLM2 (every layer keeps one KV group and one MLP channel), plus uniform and per-layer 20% / 50%
+with MLP widths rounded to multiples of 256 (speed only), all pruned in this run from the
 real model (taylor, 32 x 128 Alpaca calibration tokens; speed depends on the shapes, not on which
 units are kept), saved as checkpoints, exported with ``gqaprune export`` at f16, and quantized
 with llama.cpp's quantizer to Q8_0 and Q4_K_M.
@@ -34,8 +35,14 @@ from pathlib import Path
 
 from _common import log, machine_info, write_markdown  # noqa: E402  (benchmarks/ is on sys.path as a script)
 
-CONFIGS = [("dense", None, None), ("uniform 20%", "uniform", 0.2), ("uniform 50%", "uniform", 0.5),
-           ("per-layer 20%", "per-layer", 0.2), ("per-layer 50%", "per-layer", 0.5), ("max uniform", "uniform", "max")]
+# (name, layout, ratio, --round-mlp-to): the rounded rows measure speed only (their quality cost is measured in
+# transformers by benchmarks/layouts_smollm2.py); 256 is the K-quants' block (Q4_K_M / Q5_K_M super-blocks)
+CONFIGS = [("dense", None, None, None), ("uniform 20%", "uniform", 0.2, None), ("uniform 50%", "uniform", 0.5, None),
+           ("per-layer 20%", "per-layer", 0.2, None), ("per-layer 50%", "per-layer", 0.5, None),
+           ("max uniform", "uniform", "max", None),
+           ("uniform 20% M=256", "uniform", 0.2, 256), ("uniform 50% M=256", "uniform", 0.5, 256),
+           ("per-layer 20% M=256", "per-layer", 0.2, 256), ("per-layer 50% M=256", "per-layer", 0.5, 256)]
+SPEED_ONLY = {name for name, *_, m in CONFIGS if m}
 TYPES = ("f16", "Q8_0", "Q4_K_M")
 GOALS = {"decode": 0.85, "prefill": 0.9}
 
@@ -51,6 +58,8 @@ def parse_args(argv=None):
     p.add_argument("--work", default="prune_log/llamacpp_bench", help="folder for the checkpoints and GGUFs")
     p.add_argument("--out", default="benchmarks/results/llamacpp_smollm2")
     p.add_argument("--render", action="store_true", help="only re-render the Markdown from the JSON")
+    p.add_argument("--remeasure-speed", action="store_true",
+                   help="measure every model's speed again in this run (kept perplexities are reused)")
     return p.parse_args(argv)
 
 
@@ -77,12 +86,12 @@ def build_models(a, data: dict) -> dict:
     ids, desc = calibration_batch(tok, "alpaca", 32, 128, 0)
     scores = score_units(dense, layout, "taylor", ids, progress=False)
     out = {}
-    for name, kind, ratio in CONFIGS:
-        folder = work / name.replace(" ", "_").replace("%", "")
+    for name, kind, ratio, multiple in CONFIGS:
+        folder = work / name.replace(" ", "_").replace("%", "").replace("=", "")
         model = dense
         if kind is not None:
             r = max_ratio(layout) if ratio == "max" else ratio
-            plan = make_plan(layout, scores, Budget(ratio=r).resolve(layout), layout_kind=kind,
+            plan = make_plan(layout, scores, Budget(ratio=r).resolve(layout), layout_kind=kind, round_mlp_to=multiple,
                              provenance={"source_model": a.model, "criterion": "taylor", "calibration": desc})
             model = apply_plan(copy.deepcopy(dense), plan)
         if not (folder / "config.json").is_file():
@@ -131,6 +140,8 @@ def measure_ppl(a, models: dict, data: dict, save) -> None:
 
     rows = data.setdefault("ppl", {})
     for name, m in models.items():
+        if name in SPEED_ONLY:
+            continue
         if name in rows and all(t in rows[name] for t in ("hf",) + TYPES):
             continue
         model, tok = load_model(m["folder"], dtype="fp32", device="cpu")
@@ -268,6 +279,8 @@ def main(argv=None) -> int:
         out.write_text(json.dumps(data, indent=1, default=str))
         render(data, out.with_suffix(".md"))
 
+    if a.remeasure_speed:
+        data.pop("speed", None)
     models = build_models(a, data)
     export_all(models)
     data["models"] = models

@@ -100,7 +100,7 @@ def test_08_non_utf8_calibration_and_eval_files(tiny_dir, tmp_path, capsys):
 
 def test_09_10_ctrl_c_in_the_seed_scripts_exits_130_with_one_line(tmp_path):
     """SIGINT while evaluate_lora_model.py works: exit 130 and one 'interrupted' line, no traceback."""
-    from conftest import REPO
+    REPO = Path(__file__).resolve().parents[1]
 
     model = save_dense(tmp_path / "dense")
     text = tmp_path / "t.txt"
@@ -241,7 +241,7 @@ def test_22_prune_without_output_is_refused_unless_dry_run(tiny_dir, tmp_path, c
 
 # ----------------------------------------------------------------------------- messages and help
 def test_23_eval_help_prints_no_dict(capsys):
-    from conftest import REPO
+    REPO = Path(__file__).resolve().parents[1]
 
     with pytest.raises(SystemExit):
         main(["eval", "--help"])
