@@ -245,7 +245,8 @@ def test_evaluate_and_benchmark(saved, family, tmp_path):
                                      dtype="fp32"))
     one = res.to_dict()["results"][0]
     assert one["ppl"][0]["n_tokens"] > 0 and 1 < one["ppl"][0]["ppl"] < 1e6
-    assert set(one["tasks"]) == set(tasks)
+    zs = one["tasks"]["tasks"] if tasks else {}   # a ZeroShotResult.to_dict(): per-task accuracies under "tasks"
+    assert set(zs) == set(tasks) and all(0 <= r["acc"] <= 1 for r in zs.values())
     b = bench(BenchOptions(models=[made[(family, "uniform")][0], folder], prompt_len=16, new_tokens=4,
                            batch_sizes=[1], repeats=1, warmup=1, device="cpu", dtype="fp32"))
     rows = b.rows
