@@ -55,7 +55,9 @@ def main(argv=None) -> int:
     rows, folders = [], {}
     tmp = Path(tempfile.mkdtemp(prefix="gqaprune-families-"))
     for family in FAMILY_CONFIGS:
-        model = make_family_model(family)
+        # Mistral's sliding window is not written to GGUF (llama.cpp's llama arch has none; the export warns):
+        # as in the tests, a window longer than the 24 tokens scored, so that llama.cpp's figure measures the export
+        model = make_family_model(family, **({"sliding_window": 64} if family == "mistral" else {}))
         lay = model_layout(model)
         ident = apply_plan(copy.deepcopy(model), plan_removing(lay, {}, {}, "uniform"))
         row = {"family": FAMILIES[family].label, "model_type": family, "layers": lay.num_layers,
@@ -66,7 +68,9 @@ def main(argv=None) -> int:
             pruned = apply_plan(copy.deepcopy(model), plan_removing(lay, kv_rm, ch_rm, kind))
             row[f"zeroed_{kind}"] = float((logits(pruned) - logits(zeroed)).abs().max())
             row[f"class_{kind}"] = type(pruned.config).__name__
-            folder = save_checkpoint(pruned, make_tokenizer(), tmp / f"m-{family}-{kind}")
+            # a folder name without the family's (as in the tests): llama.cpp's vocabulary loader looks for Phi-3's
+            # special tokens by name when general.name mentions phi3, and the tiny tokenizer has none
+            folder = save_checkpoint(pruned, make_tokenizer(), tmp / family / f"m-{kind}")
             folders[(family, kind)] = (str(folder), pruned)
             spec = ARCHS[family]
             arch = spec.uniform if kind == "uniform" else spec.per_layer
@@ -103,7 +107,8 @@ def main(argv=None) -> int:
              f"- date: {data['date']}; command: `{data['command']}` (git {m['git']})",
              f"- machine: {m['cpu']}, {m['cores_visible']} cores, torch {m['torch']}, transformers {m['transformers']}, "
              "fp32 on CPU", "- models: tests/helpers.py `FAMILY_CONFIGS` (hidden 64, 3 layers, 6 for Gemma-3), "
-             "perturbed norms and biases; 2 x 24 random token ids (longer than the 8-token sliding windows)",
+             "perturbed norms and biases; 2 x 24 random token ids (longer than the 8-token sliding windows of Gemma-2 "
+             "and -3; Mistral's is set to 64, since its GGUF has no sliding window: the export warns)",
              "- cuts (tests/families/test_families.py `CUTS`): uniform = KV group 1 and 3 MLP channels from every "
              "layer; per-layer = KV group 0 from layer 1 only, 1 channel from layer 0, 40 from layer 2", "",
              "Each figure is a max |Δlogit| (fp32). *class*: the config class the pruned model is rebuilt as "
