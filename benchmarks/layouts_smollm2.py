@@ -52,6 +52,8 @@ def parse_args(argv=None):
     p.add_argument("--long-window", type=int, default=2048, help="the second window, on slice A")
     p.add_argument("--work", default="prune_log/layouts_bench", help="folder for the checkpoints")
     p.add_argument("--out", default="benchmarks/results/layouts_smollm2")
+    p.add_argument("--also-running", default="nothing else of ours",
+                   help="what else shared the machine (stated in the table; prune times depend on it)")
     p.add_argument("--render", action="store_true", help="only re-render the Markdown from the JSON")
     return p.parse_args(argv)
 
@@ -74,14 +76,18 @@ def folder_of(a, name: str) -> Path:
     return Path(a.work) / name.replace(" ", "_").replace("%", "").replace("=", "")
 
 
-def prune_all(a, data: dict, save) -> None:
+def prune_all(a, data: dict, save, measure_row) -> None:
+    """Prune every row not yet in the JSON, and score each as soon as it exists (an interrupted run keeps
+    every finished row with its perplexities)."""
     from gqaprune.prune.plan import PrunePlan
 
     rows = data.setdefault("rows", {})
+    measure_row("dense", a.model)
     env = dict(os.environ, TOKENIZERS_PARALLELISM="false")
     for name, args in configs(a):
         folder = folder_of(a, name)
         if name in rows and (folder / "config.json").is_file():
+            measure_row(name, rows[name]["folder"])
             continue
         cmd = [sys.executable, "-m", "gqaprune", "prune", "--model", a.model, *args, *RECIPE,
                "--output", str(folder), "--device", "cpu", "--dtype", "fp32"]
@@ -100,24 +106,28 @@ def prune_all(a, data: dict, save) -> None:
                       "params_vs_target": prov.get("params_vs_target"), "round_mlp_to": prov.get("round_mlp_to"),
                       "kv_per_layer": plan.kept_kv, "mlp_per_layer": plan.kept_mlp}
         save()
+        measure_row(name, str(folder))
 
 
-def measure(a, data: dict, save) -> None:
+def measurer(a, data: dict, save):
+    """measure_row(name, ref): WikiText-2 PPL on slices A and B (window 128) and A (the long window), once."""
     from gqaprune.data.corpora import load_text_corpus
     from gqaprune.evaluate.perplexity import perplexity_of_ids, tokenize_corpus
     from gqaprune.models.io import load_model
 
     n = a.slice_tokens
-    todo = [("dense", a.model)] + [(k, v["folder"]) for k, v in data["rows"].items()]
     ppl = data.setdefault("ppl", {})
-    ids = None
-    for name, ref in todo:
+    held = {}   # the token ids, once
+
+    def measure_row(name: str, ref: str) -> None:
         r = ppl.setdefault(name, {})
         if all(k in r for k in ("A128", "B128", "Along")):
-            continue
+            return
         model, tok = load_model(ref, dtype="fp32", device="cpu")
-        if ids is None:   # every checkpoint carries the source tokenizer: the same ids for every row
-            ids = tokenize_corpus(tok, load_text_corpus("wikitext2", "test").text)
+        if "ids" not in held:   # every checkpoint carries the source tokenizer: the same ids for every row
+            held["ids"] = tokenize_corpus(tok, load_text_corpus("wikitext2", "test").text)
+        ids = held["ids"]
+        if "test_tokens" not in data or data["test_tokens"] != len(ids):
             if len(ids) < 2 * n:
                 raise SystemExit(f"--slice-tokens {n}: WikiText-2 test has only {len(ids)} tokens")
             data["test_tokens"] = len(ids)
@@ -131,6 +141,8 @@ def measure(a, data: dict, save) -> None:
             log(f"{name}: {key} PPL {r[key]['ppl']:.2f} on {scored} tokens")
             save()
         del model
+
+    return measure_row
 
 
 def render(data: dict, path: Path) -> None:
@@ -188,15 +200,15 @@ def main(argv=None) -> int:
     data["meta"] = {"date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
                     "command": "python " + " ".join([os.path.relpath(sys.argv[0])] + sys.argv[1:]),
                     "machine": machine_info(), "model": a.model, "slice_tokens": a.slice_tokens,
-                    "long_window": a.long_window}
+                    "long_window": a.long_window,
+                    "also_running": a.also_running}
 
     def save():
         out.parent.mkdir(parents=True, exist_ok=True)
         out.write_text(json.dumps(data, indent=1, default=str))
         render(data, out.with_suffix(".md"))
 
-    prune_all(a, data, save)
-    measure(a, data, save)
+    prune_all(a, data, save, measurer(a, data, save))
     save()
     print(out.with_suffix(".md").read_text())
     return 0

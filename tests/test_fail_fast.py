@@ -106,7 +106,8 @@ def test_09_10_ctrl_c_in_the_seed_scripts_exits_130_with_one_line(tmp_path):
     model = save_dense(tmp_path / "dense")
     text = tmp_path / "t.txt"
     text.write_text("The quick brown fox jumps over the lazy dog. " * 4000)
-    code = ("import sys, runpy, time, gqaprune.evaluate.perplexity as p\n"
+    code = ("import faulthandler, signal, sys, runpy, time, gqaprune.evaluate.perplexity as p\n"
+            "faulthandler.register(signal.SIGUSR1)\n"   # the stacks, should it ever hang (below)
             "orig = p.perplexity_of_ids\n"
             "def slow(*a, **k):\n    print('READY', flush=True); time.sleep(60)\n"
             "p.perplexity_of_ids = slow\n"
@@ -119,7 +120,14 @@ def test_09_10_ctrl_c_in_the_seed_scripts_exits_130_with_one_line(tmp_path):
     proc.send_signal(signal.SIGINT)
     time.sleep(0.2)
     proc.send_signal(signal.SIGINT)   # a second Ctrl-C while it shuts down changes nothing
-    _, err = proc.communicate(timeout=60)
+    try:
+        _, err = proc.communicate(timeout=180)   # generous: a loaded 2-core machine once took over 60 s here
+    except subprocess.TimeoutExpired:
+        proc.send_signal(signal.SIGUSR1)
+        time.sleep(2)
+        proc.kill()
+        _, err = proc.communicate()
+        pytest.fail(f"no exit 180 s after Ctrl-C; its threads:\n{err[-4000:]}")
     assert proc.returncode == 130, err
     assert "Traceback" not in err and "Exception ignored" not in err, err
     lines = [ln for ln in err.splitlines() if ln.strip()]
