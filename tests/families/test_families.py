@@ -252,3 +252,23 @@ def test_evaluate_and_benchmark(saved, family, tmp_path):
     rows = b.rows
     assert len(rows) == 2 and all(r.decode_tok_s > 0 and r.prefill_tok_s > 0 for r in rows)
     assert rows[1].flops_ratio_prefill > 0
+
+
+@pytest.mark.parametrize("family", FAMILY_NAMES)
+def test_query_heads_not_a_multiple_of_kv_heads_are_refused(family, tmp_path, capsys):
+    """4 query heads over 3 KV heads cannot be grouped: refused, with exit 2, before any weight is read."""
+    import transformers
+
+    from gqaprune.cli import main
+    from helpers import FAMILY_BASE, write_text
+
+    cls_name, kw = FAMILY_CONFIGS[family]
+    cfg = getattr(transformers, cls_name)(**{**FAMILY_BASE, **kw, "num_attention_heads": 4, "num_key_value_heads": 3})
+    folder = tmp_path / "odd"
+    folder.mkdir()
+    cfg.save_pretrained(folder)          # a config only: the check must come before the weights are looked for
+    rc = main(["prune", "--model", str(folder), "--pruning-ratio", "0.2", "--output", str(tmp_path / "out"),
+               "--calibration", str(write_text(tmp_path / "c.txt")), "--num-samples", "2", "--seq-len", "16"])
+    err = capsys.readouterr().err
+    assert rc == 2 and "not a multiple of 3 key/value heads" in err, err
+    assert not (tmp_path / "out").exists()
