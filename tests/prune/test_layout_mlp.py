@@ -86,3 +86,20 @@ def test_allocation_search_keeps_the_kv_groups_equal():
     with pytest.raises(GQAPruneError, match="per-layer-mlp"):
         search_allocation(m, lay, sc, plan, ids, Budget(ratio=0.3).resolve(lay), evaluations=1, samples=4,
                           moves="mixed", progress=False)
+
+
+def test_rounded_widths_keep_the_budget():
+    """30 layers that all want 968 of 1536 channels: rounding each to its nearest 128 would keep 1024 everywhere
+    (56 x 30 channels over budget); the total must instead stay within half a step of the target."""
+    from gqaprune.prune.budget import _round_keeping_total
+
+    sizes = {i: 1536 for i in range(30)}
+    rm = {i: 1536 - 968 for i in range(30)}
+    rm[0], rm[1] = 1536 - 1394, 1536 - 1394          # two layers that keep more, as the sensitivity allocation gives
+    total = sum(rm.values())
+    for step in (64, 128, 256):
+        out = _round_keeping_total(sizes, rm, total, step)
+        kept = [1536 - out[i] for i in sizes]
+        assert all(k % step == 0 and step <= k <= 1536 for k in kept), (step, kept)
+        assert abs(sum(out.values()) - total) <= step / 2, (step, sum(out.values()) - total)
+        assert max(kept) - min(kept) <= 1394 - 968 + step   # the allocation's shape is kept

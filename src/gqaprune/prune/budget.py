@@ -224,12 +224,38 @@ def _mlp_counts(layout, scores, m_tot, pruned, min_mlp, round_mlp_to, weights) -
     else:
         mlp_rm = _assign_global(scores, "mlp", pruned, m_tot, floors)
     if round_mlp_to and round_mlp_to > 1:
-        for i in pruned:   # every pruned layer's width a multiple of M (at most the largest multiple <= its width)
-            n = layout.layers[i].n_mlp
-            kept = n - mlp_rm[i]
-            kept = min((n - n % round_mlp_to) or n, max(round_mlp_to, round_mlp_to * round(kept / round_mlp_to)))
-            mlp_rm[i] = n - kept
+        mlp_rm = _round_keeping_total(sizes, mlp_rm, m_tot, round_mlp_to)
     return mlp_rm
+
+
+def _round_keeping_total(sizes: dict, mlp_rm: dict, m_tot: int, step: int) -> dict:
+    """Every width a multiple of ``step`` (at least ``step``, at most the largest multiple <= the layer's width),
+    with the total removed as close to ``m_tot`` as steps allow.
+
+    Rounding each layer to its nearest multiple on its own drifts: when most layers sit just above a
+    half-step they all round up, and the model keeps several steps x layers more than the budget. So
+    floor every width, then hand whole steps back to the layers whose floor cut deepest (largest
+    remainder first) while that brings the total closer to ``m_tot``; or take more, smallest remainder
+    first, when the minimum widths left it short.
+    """
+    want = {i: sizes[i] - mlp_rm[i] for i in sizes}            # widths before rounding (channels)
+    top = {i: (sizes[i] - sizes[i] % step) or sizes[i] for i in sizes}
+    kept = {i: min(top[i], max(step, step * (want[i] // step))) for i in sizes}
+    removed = sum(sizes[i] - kept[i] for i in sizes)
+    by_remainder = sorted(sizes, key=lambda i: (kept[i] - want[i], i))   # deepest cut (most negative) first
+    for i in by_remainder:             # give back: each pass moves the total by one step
+        if removed - m_tot <= step / 2:
+            break
+        if kept[i] + step <= top[i]:
+            kept[i] += step
+            removed -= step
+    for i in reversed(by_remainder):   # take more: only when the floors at `step` left the total short
+        if m_tot - removed <= step / 2:
+            break
+        if kept[i] - step >= step:
+            kept[i] -= step
+            removed += step
+    return {i: sizes[i] - kept[i] for i in sizes}
 
 
 def _assign_by_weights(sizes: dict, floors: dict, total: int, weights: dict) -> dict:
