@@ -41,6 +41,16 @@ def machine_info(**extra) -> dict:
             "git": git_rev(), "loadavg_start": [round(x, 2) for x in os.getloadavg()], **extra}
 
 
+def run_meta(**extra) -> dict:
+    """The header of a results JSON: when, the exact command line (script path relative to the repo), the machine."""
+    import datetime as _dt
+    import sys
+
+    return {"date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+            "command": "python " + " ".join([os.path.relpath(sys.argv[0], REPO)] + sys.argv[1:]),
+            "machine": machine_info(), **extra}
+
+
 def write_markdown(path: Path, lines: list[str], notes: list[str] | None = None) -> Path:
     """Write a results table (and its notes section) to ``path``."""
     if notes:

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import datetime as _dt
 import json
 import os
 import subprocess
@@ -27,7 +26,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from _common import REPO, log, machine_info, write_markdown  # noqa: E402  (benchmarks/ is on sys.path)
+from _common import REPO, log, run_meta, write_markdown  # noqa: E402  (benchmarks/ is on sys.path)
 
 sys.path[:0] = [str(REPO / "tests"), str(REPO / "tests" / "families")]
 
@@ -96,9 +95,7 @@ def main(argv=None) -> int:
         for kind in CUTS:
             folder, pruned = folders[(row["model_type"], kind)]
             row[f"reload_{kind}"] = float((torch.tensor(reloaded[folder]["logits"]) - logits(pruned)).abs().max())
-    data = {"date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
-            "command": "python " + " ".join([os.path.relpath(sys.argv[0])] + sys.argv[1:]), "machine": machine_info(),
-            "rows": rows}
+    data = {**run_meta(), "rows": rows}
     out = Path(a.out).with_suffix(".json")
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(data, indent=1))

@@ -28,7 +28,6 @@ invocation are reused. Writes OUT.json and OUT.md.
 from __future__ import annotations
 
 import argparse
-import datetime as _dt
 import json
 import math
 import os
@@ -36,7 +35,7 @@ import sys
 import time
 from pathlib import Path
 
-from _common import log, machine_info, run_measured, write_markdown  # noqa: E402  (benchmarks/ is on sys.path)
+from _common import log, run_measured, run_meta, write_markdown  # noqa: E402  (benchmarks/ is on sys.path)
 
 RECIPE = ["--criterion", "obs", "--split", "search", "--compensate", "--num-samples", "128",
           "--sensitivity-samples", "4"]
@@ -197,11 +196,8 @@ def main(argv=None) -> int:
     if a.render:
         render(data, out.with_suffix(".md"))
         return 0
-    data["meta"] = {"date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
-                    "command": "python " + " ".join([os.path.relpath(sys.argv[0])] + sys.argv[1:]),
-                    "machine": machine_info(), "model": a.model, "slice_tokens": a.slice_tokens,
-                    "long_window": a.long_window,
-                    "also_running": a.also_running}
+    data["meta"] = run_meta(model=a.model, slice_tokens=a.slice_tokens, long_window=a.long_window,
+                            also_running=a.also_running)
 
     def save():
         out.parent.mkdir(parents=True, exist_ok=True)

@@ -26,14 +26,12 @@ from __future__ import annotations
 
 import argparse
 import copy
-import datetime as _dt
 import json
 import os
-import sys
 import time
 from pathlib import Path
 
-from _common import log, machine_info, write_markdown  # noqa: E402  (benchmarks/ is on sys.path as a script)
+from _common import log, run_meta, write_markdown  # noqa: E402  (benchmarks/ is on sys.path as a script)
 
 # (name, layout, ratio, --round-mlp-to): the rounded rows measure speed only (their quality cost is measured in
 # transformers by benchmarks/layouts_smollm2.py); 256 is the K-quants' block (Q4_K_M / Q5_K_M super-blocks)
@@ -268,11 +266,8 @@ def main(argv=None) -> int:
         return 0
     import llama_cpp
 
-    data["meta"] = {"date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
-                    "command": "python " + " ".join([os.path.relpath(sys.argv[0])] + sys.argv[1:]),
-                    "machine": machine_info(), "model": a.model, "threads": a.threads, "prompt_len": a.prompt_len,
-                    "new_tokens": a.new_tokens, "repeats": a.repeats, "ppl_tokens": a.ppl_tokens,
-                    "llama_cpp_python": llama_cpp.__version__}
+    data["meta"] = run_meta(model=a.model, threads=a.threads, prompt_len=a.prompt_len, new_tokens=a.new_tokens,
+                            repeats=a.repeats, ppl_tokens=a.ppl_tokens, llama_cpp_python=llama_cpp.__version__)
 
     def save():
         out.parent.mkdir(parents=True, exist_ok=True)
