@@ -1,0 +1,25 @@
+#!/usr/bin/env bash
+# Times the README's first-screen commands on this machine (run it with nothing else running):
+#   bash benchmarks/readme_times.sh [OUT_DIR]
+# the prune command on the whole WikiText-2 test, then the quick variant (--ppl-max-tokens 32768);
+# each line of benchmarks/results/readme_times.md comes from /usr/bin/time's wall seconds here.
+# (Install and test times come from `.ci/run`, whose pytest line prints its own duration.)
+set -euo pipefail
+cd "$(dirname "$0")/.."
+OUT="${1:-$(mktemp -d)}"
+export GQAPRUNE_DATA_DIR="${GQAPRUNE_DATA_DIR:-../shared/data}" HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 TOKENIZERS_PARALLELISM=false
+run() {  # name, then the gqaprune arguments
+  local name=$1; shift
+  /usr/bin/time -f "%e" -o "$OUT/$name.time" gqaprune prune "$@" > "$OUT/$name.log" 2>&1
+  echo "| $name | \`gqaprune prune $*\` | $(cat "$OUT/$name.time") |"
+}
+{
+  echo "# README first-screen times"
+  echo
+  echo "- date: $(date -u +%FT%TZ); machine: $(nproc) cores, $(uname -m); git $(git rev-parse --short HEAD); load at start: $(cut -d' ' -f1-3 /proc/loadavg)"
+  echo
+  echo "| run | command | wall s |"
+  echo "|---|---|---:|"
+  run full --model smollm2-135m --pruning-ratio 0.2 --output "$OUT/full" --eval-ppl wikitext2
+  run quick --model smollm2-135m --pruning-ratio 0.2 --output "$OUT/quick" --eval-ppl wikitext2 --ppl-max-tokens 32768
+}
