@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import json
 import logging
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from gqaprune.errors import GQAPruneError
@@ -21,17 +21,34 @@ from gqaprune.recover.options import LoraRankArgs
 
 log = logging.getLogger(__name__)
 
+DEFAULT_WINDOW, DEFAULT_MAX_TOKENS = 128, 65536   # when neither the plan nor a flag says
+GUIDE_PPL_LIMIT = 50.0   # the seed guide's pre-flight limit, stated for Llama-3-8B (dense 19.66 = REFERENCE_PPL)
+
 
 @dataclass
 class CheckOptions(LoraRankArgs, ModelArgs):
     checkpoint: str = opt(None, "checkpoint folder to check")
-    max_ppl: float = opt(50.0, "fail when wikitext2 PPL (window --seq-len) is above this")
-    seq_len: int = opt(128, "perplexity window length")
-    ppl_max_tokens: int | None = opt(65536, "score the first N wikitext2 test tokens (0 = all)")
+    max_ppl: float | None = opt(None, "absolute override: fail when wikitext2 PPL is above this (default: the "
+                                "guide's limit 50 scaled as the tiers are, 50 / 19.66 x the dense model's PPL)")
+    base_model: str | None = opt(None, "the dense model the checkpoint was pruned from: measure its PPL on the same "
+                                 "tokens to scale the limit (default: the dense PPL recorded in prune_plan.json)")
+    seq_len: int | None = opt(None, "perplexity window length (default: the window of the dense PPL in the plan, "
+                              f"else {DEFAULT_WINDOW})")
+    ppl_max_tokens: int | None = opt(None, "score the first N wikitext2 test tokens, 0 = all (default: as many as "
+                                     f"the dense PPL in the plan, else {DEFAULT_MAX_TOKENS})")
     expect_q_per_kv: int | None = opt(None, "the original model's Q:KV ratio (default: read from the plan/config)")
     micro_batch_size: int = opt(4, "LoRA memory estimate: micro batch (seed guide: 4)")
     cutoff_len: int = opt(256, "LoRA memory estimate: sequence length (seed guide: 256)")
     gradient_checkpointing: bool = opt(True, "LoRA memory estimate: with gradient checkpointing")
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.max_ppl is not None and not self.max_ppl > 0:
+            raise GQAPruneError(f"--max-ppl {self.max_ppl}: must be a positive perplexity")
+        if self.seq_len is not None and self.seq_len < 2:
+            raise GQAPruneError(f"--seq-len {self.seq_len}: a window needs at least 2 tokens")
+        if self.ppl_max_tokens is not None and self.ppl_max_tokens < 0:
+            raise GQAPruneError(f"--ppl-max-tokens {self.ppl_max_tokens}: give a token count, or 0 for all")
 
 
 @dataclass
@@ -161,6 +178,79 @@ def _architecture(cfg: dict) -> CheckRow:
     return CheckRow("supported architecture", ok, f"model_type {mt}" if ok else why)
 
 
+@dataclass
+class PPLLimit:
+    """The PPL the checkpoint must stay under, and the protocol it is measured on."""
+
+    limit: float
+    why: str                      # how the limit was set, for the table
+    seq_len: int
+    max_tokens: int | None        # None = the whole test split
+    dense_ppl: float | None = None
+
+
+def _recorded_dense(folder: Path) -> dict | None:
+    """The wikitext2 test PPL of the source model that ``gqaprune prune --eval-ppl`` recorded in the plan."""
+    from gqaprune.data.corpora import load_text_corpus
+
+    try:
+        before = json.loads((folder / "prune_plan.json").read_text()).get("provenance", {}).get("ppl_before") or []
+    except (OSError, ValueError, AttributeError):
+        return None
+    name = load_text_corpus("wikitext2", "test").dataset
+    return next((b for b in before if isinstance(b, dict) and b.get("dataset") == name and b.get("split") == "test"
+                 and b.get("stride") == b.get("seq_len") and b.get("ppl")), None)
+
+
+def ppl_limit(folder: Path, opts: CheckOptions, measure_dense) -> PPLLimit:
+    """The limit and protocol: --max-ppl as given, else 50 / 19.66 x the dense PPL on the same tokens.
+
+    The dense PPL is the one the plan recorded (its window and token count are then used, unless
+    --seq-len / --ppl-max-tokens ask for others), or ``measure_dense(seq_len, max_tokens)`` of
+    --base-model. Without either, the guide's absolute 50 applies, and the table says it is unscaled.
+    """
+    from gqaprune.evaluate.compare import REFERENCE_PPL
+
+    rec = _recorded_dense(folder) if opts.base_model is None else None
+    seq_len = opts.seq_len or (rec["seq_len"] if rec else DEFAULT_WINDOW)
+    if opts.ppl_max_tokens is not None:
+        max_tokens = opts.ppl_max_tokens or None
+    else:
+        max_tokens = rec.get("max_tokens") if rec else DEFAULT_MAX_TOKENS
+    if opts.max_ppl is not None:
+        return PPLLimit(opts.max_ppl, f"--max-ppl {opts.max_ppl:g} (absolute)", seq_len, max_tokens)
+    scale = GUIDE_PPL_LIMIT / REFERENCE_PPL
+    if opts.base_model is not None:
+        dense, where = measure_dense(seq_len, max_tokens), f"--base-model {opts.base_model} on the same tokens"
+    elif rec is not None and rec["seq_len"] == seq_len and rec.get("max_tokens") == max_tokens:
+        dense, where = float(rec["ppl"]), "prune_plan.json (measured by gqaprune prune on the same tokens)"
+    else:
+        why = ("the plan records no dense wikitext2 PPL" if rec is None else
+               f"the plan's dense PPL is on window {rec['seq_len']}, {rec.get('max_tokens') or 'all'} tokens")
+        return PPLLimit(GUIDE_PPL_LIMIT, f"the guide's absolute {GUIDE_PPL_LIMIT:g}, unscaled: {why}; pass "
+                        "--base-model to scale it", seq_len, max_tokens)
+    return PPLLimit(scale * dense, f"{GUIDE_PPL_LIMIT:g} / {REFERENCE_PPL} x dense PPL {dense:.2f} from {where}",
+                    seq_len, max_tokens, dense)
+
+
+def _base_model_ppl(opts: CheckOptions, tok):
+    """measure_dense for ppl_limit: --base-model's PPL, refused when its vocabulary is not the checkpoint's."""
+    from gqaprune.evaluate.perplexity import perplexity
+    from gqaprune.models.io import load_model
+
+    def measure(seq_len: int, max_tokens: int | None) -> float:
+        base, btok = load_model(opts.base_model, dtype=opts.dtype, device=opts.device, flag="--base-model")
+        if btok is not None and tok is not None and btok.get_vocab() != tok.get_vocab():
+            raise GQAPruneError(f"--base-model {opts.base_model}: its tokenizer differs from {opts.checkpoint}'s "
+                                f"({len(btok)} vs {len(tok)} tokens, or other ids), so its PPL is on other tokens and "
+                                "cannot scale the limit; pass the model the checkpoint was pruned from, or --max-ppl")
+        p = perplexity(base, btok, "wikitext2", seq_len=seq_len, max_tokens=max_tokens)
+        del base
+        return p.ppl
+
+    return measure
+
+
 def _loads(folder: Path, opts: CheckOptions, res: CheckResult) -> None:
     """The 'model loads' and PPL rows."""
     from gqaprune.evaluate.perplexity import perplexity
@@ -169,12 +259,16 @@ def _loads(folder: Path, opts: CheckOptions, res: CheckResult) -> None:
     try:
         model, tok = load_model(str(folder), dtype=opts.dtype, device=opts.device)
     except GQAPruneError as e:
+        lim = ppl_limit(folder, replace(opts, base_model=None), None)
         res.rows.append(CheckRow("model loads", False, str(e).splitlines()[0]))
-        res.rows.append(CheckRow(f"wikitext2 PPL < {opts.max_ppl:g}", False, "not measured: the model does not load"))
+        res.rows.append(CheckRow(f"wikitext2 PPL < {lim.limit:.4g}", False, "not measured: the model does not load"))
         return
     res.rows.append(CheckRow("model loads", True, f"{type(model).__name__} via from_pretrained"))
-    p = perplexity(model, tok, "wikitext2", seq_len=opts.seq_len, max_tokens=opts.ppl_max_tokens or None)
-    res.rows.append(CheckRow(f"wikitext2 PPL < {opts.max_ppl:g}", p.ppl < opts.max_ppl, p.line()))
+    lim = ppl_limit(folder, opts, _base_model_ppl(opts, tok))
+    p = perplexity(model, tok, "wikitext2", seq_len=lim.seq_len, max_tokens=lim.max_tokens)
+    ratio = f" = {p.ppl / lim.dense_ppl:.2f}x dense" if lim.dense_ppl else ""
+    res.rows.append(CheckRow(f"wikitext2 PPL < {lim.limit:.4g}", p.ppl < lim.limit,
+                             f"{p.line()}{ratio}; limit: {lim.why}"))
 
 
 def check(opts: CheckOptions) -> CheckResult:
@@ -184,6 +278,10 @@ def check(opts: CheckOptions) -> CheckResult:
     folder = Path(opts.checkpoint)
     if not folder.is_dir() or not (folder / "config.json").is_file():
         raise GQAPruneError(f"check {opts.checkpoint}: not a checkpoint folder (no config.json)")
+    if opts.base_model is not None:
+        from gqaprune.models.io import resolve_model_ref
+
+        resolve_model_ref(opts.base_model, "--base-model")   # a wrong name fails before any work
     cfg = _read_config(folder)
     res = CheckResult(rows=[_architecture(cfg)])
     if not res.rows[0].ok:

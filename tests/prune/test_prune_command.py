@@ -237,3 +237,63 @@ def test_prune_overwrite_replaces_only_what_gqaprune_wrote(tiny_dir, tmp_path, c
     (mine / "extra.txt").write_text("mine")
     _bad(prune_args(tiny_dir, mine, calib_file, "--pruning-ratio", "0.2", "--overwrite"), capsys, "extra.txt")
     assert (mine / "extra.txt").read_text() == "mine"
+
+
+def _break_final_norm(folder, factor=40.0):
+    """Shape-valid but broken: the final norm's gain times ``factor`` makes the logits confidently wrong."""
+    from safetensors.torch import load_file, save_file
+
+    sd = load_file(folder / "model.safetensors")
+    sd["model.norm.weight"] = sd["model.norm.weight"] * factor
+    save_file(sd, folder / "model.safetensors", metadata={"format": "pt"})
+
+
+def _ppl_row(folder, **kw):
+    from gqaprune.check import CheckOptions, check
+
+    return next(r for r in check(CheckOptions(checkpoint=str(folder), **kw)).rows if r.name.startswith("wikitext2"))
+
+
+def test_check_scales_the_limit_by_the_dense_ppl_in_the_plan(tiny_dir, tmp_path, calib_file, capsys, data_env):
+    """Issue 14 section 5: limit = 50 / 19.66 x the dense PPL the plan recorded, on the same tokens; a
+    reasonable prune passes, a broken one (same shapes) fails on that row only; --max-ppl overrides."""
+    out = tmp_path / "pruned"
+    assert main(prune_args(tiny_dir, out, calib_file, "--pruning-ratio", "0.2", "--eval-ppl", "wikitext2",
+                           "--ppl-max-tokens", "2048")) == 0
+    dense = json.loads((out / "prune_plan.json").read_text())["provenance"]["ppl_before"][0]["ppl"]
+    row = _ppl_row(out)
+    assert row.ok and "50 / 19.66 x dense PPL" in row.detail and "prune_plan.json" in row.detail
+    assert "first 2,048 tokens" in row.detail
+    assert float(row.name.split("<")[1]) == pytest.approx(50 / 19.66 * dense, rel=1e-3)
+    assert main(["check", str(out)]) == 0
+    _break_final_norm(out)
+    row = _ppl_row(out)
+    assert not row.ok and "x dense" in row.detail
+    capsys.readouterr()
+    assert main(["check", str(out)]) == 1
+    assert "BROKEN" not in capsys.readouterr().out       # shapes are fine: only the PPL row fails
+    row = _ppl_row(out, max_ppl=1e300)
+    assert row.ok and "--max-ppl 1e+300 (absolute)" in row.detail
+    assert main(["check", str(out), "--max-ppl", "1e300"]) == 0
+
+
+def test_check_base_model_measures_the_dense_ppl_and_refuses_another_vocabulary(tiny_dir, tmp_path, calib_file,
+                                                                                 capsys, data_env):
+    from transformers import PreTrainedTokenizerFast
+
+    out = tmp_path / "pruned"
+    assert main(prune_args(tiny_dir, out, calib_file, "--pruning-ratio", "0.2")) == 0   # no dense PPL recorded
+    row = _ppl_row(out, ppl_max_tokens=2048)
+    assert "unscaled" in row.detail and "--base-model" in row.detail and row.name == "wikitext2 PPL < 50"
+    row = _ppl_row(out, ppl_max_tokens=2048, base_model=str(tiny_dir))
+    assert row.ok and f"from --base-model {tiny_dir} on the same tokens" in row.detail
+    other = tmp_path / "other_vocab"
+    make_tiny_model().save_pretrained(other)
+    tok = PreTrainedTokenizerFast.from_pretrained(tiny_dir)
+    tok.add_tokens(["<extra_token>"])
+    tok.save_pretrained(other)
+    capsys.readouterr()
+    assert main(["check", str(out), "--ppl-max-tokens", "2048", "--base-model", str(other)]) == 2
+    err = capsys.readouterr().err
+    assert "--base-model" in err and "tokenizer differs" in err
+    assert main(["check", str(out), "--base-model", str(tmp_path / "nowhere")]) == 2
