@@ -172,7 +172,7 @@ class Ablation:
             ids, _ = self.calib(seed, samples, fmt)
             t = time.perf_counter()
             self.scores[k] = score_model(self.model, model_layout(self.model),
-                                         PruneOptions(criterion=criterion, calib_batch_size=self.args.batch_size),
+                                         PruneOptions(recipe="fast", criterion=criterion, calib_batch_size=self.args.batch_size),
                                          ids, seed=seed, progress=False)
             sec = round(time.perf_counter() - t, 1)
             name = f"{criterion}/seed{seed}" + (f"/{samples} samples" if samples != self.args.num_samples else "") \
@@ -208,7 +208,7 @@ class Ablation:
         a = self.args
         ids, calib_desc = self.calib(seed, samples, calibration_format)
         scores = self.get_scores(criterion, seed, samples, calibration_format)
-        opts = PruneOptions(pruning_ratio=ratio, criterion=criterion, layout=layout, allocation=allocation,
+        opts = PruneOptions(recipe="fast", pruning_ratio=ratio, criterion=criterion, layout=layout, allocation=allocation,
                             split=split, compensate=compensate, compensate_target=target, steps=steps, seed=seed,
                             calib_batch_size=a.batch_size, num_samples=samples, seq_len=a.seq_len,
                             sensitivity_samples=a.sensitivity_samples, search_evaluations=a.search_evaluations,

@@ -14,7 +14,7 @@ Stages write ``<workdir>/<stage>.json`` as they finish and the Markdown table is
 after each one, so a long run can be polled, and a rerun skips finished stages.
 
 Run from the repository root (about 40 minutes on 2 shared CPU cores at the defaults):
-    gqaprune prune --model smollm2-135m --pruning-ratio 0.5 --layout per-layer --output /tmp/smol_pl50
+    gqaprune prune --recipe fast --model smollm2-135m --pruning-ratio 0.5 --layout per-layer --output /tmp/smol_pl50
     GQAPRUNE_DATA_DIR=../shared/data python benchmarks/distill_smollm2.py --student /tmp/smol_pl50
 """
 

@@ -24,7 +24,7 @@ cannot show length grouping at scale. Liger fused kernels are detected and repor
 (they need CUDA; on CPU there are none).
 
 Run from the repository root (about an hour on 2 shared CPU cores at the defaults):
-    gqaprune prune --model smollm2-135m --pruning-ratio 0.5 --layout per-layer --output /tmp/smol_pl50
+    gqaprune prune --recipe fast --model smollm2-135m --pruning-ratio 0.5 --layout per-layer --output /tmp/smol_pl50
     GQAPRUNE_DATA_DIR=../shared/data python benchmarks/finetune_throughput.py --model /tmp/smol_pl50
 """
 

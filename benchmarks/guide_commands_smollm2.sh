@@ -12,7 +12,7 @@ exec > >(tee "$ROOT/guide_commands.log") 2>&1
 set -x
 date -u
 [ -d "$ROOT/prune_log/llama3_gqa_aware_pruned_v3" ] || \
-  gqaprune prune --model smollm2-135m --pruning-ratio 0.5 --layout per-layer --num-samples 16 \
+  gqaprune prune --recipe fast --model smollm2-135m --pruning-ratio 0.5 --layout per-layer --num-samples 16 \
     --output "$ROOT/prune_log/llama3_gqa_aware_pruned_v3"
 gqaprune check "$ROOT/prune_log/llama3_gqa_aware_pruned_v3" --max-ppl 1e9 --ppl-max-tokens 4096 || true
 

@@ -76,7 +76,7 @@ def main(argv=None) -> int:
     for spec in a.configs.split(","):
         crit, lay, ratio = spec.split(":")
         with tempfile.TemporaryDirectory() as d:
-            cmd = [*cli, "prune", "--model", a.model, "--pruning-ratio", ratio, "--criterion", crit, "--layout", lay,
+            cmd = [*cli, "prune", "--recipe", "fast", "--model", a.model, "--pruning-ratio", ratio, "--criterion", crit, "--layout", lay,
                    "--calibration", "alpaca", "--num-samples", str(a.num_samples), "--seq-len", str(a.seq_len),
                    "--dtype", "fp32", "--device", "cpu", "--output", str(Path(d) / "out")]
             print(" ".join(cmd[len(cli):]), "...", flush=True)

@@ -345,7 +345,7 @@ def run_memory(args, res):
     for spec in args.memory_configs.split(","):
         crit, lay, ratio = spec.split(":")
         with tempfile.TemporaryDirectory() as d:
-            cmd = [*cli, "prune", "--model", args.model, "--pruning-ratio", ratio, "--criterion", crit,
+            cmd = [*cli, "prune", "--recipe", "fast", "--model", args.model, "--pruning-ratio", ratio, "--criterion", crit,
                    "--layout", lay, "--calibration", args.calibration, "--num-samples", str(args.num_samples),
                    "--seq-len", str(args.calib_seq_len), "--seed", str(args.seed), "--dtype", "fp32",
                    "--device", "cpu", "--output", str(Path(d) / "out")]

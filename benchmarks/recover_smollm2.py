@@ -352,7 +352,7 @@ def main(argv=None) -> int:
         d = root / slug
         say(f"== {name}: prune")
         t = time.perf_counter()
-        pres = prune(PruneOptions(model=args.model, output=str(d / "pruned"), pruning_ratio=ratio,
+        pres = prune(PruneOptions(recipe="fast", model=args.model, output=str(d / "pruned"), pruning_ratio=ratio,
                                   criterion="taylor", layout=layout, calibration="alpaca",
                                   num_samples=args.num_samples, dtype="fp32", device="cpu", overwrite=True))
         rec.update(params_before=pres.params_before, params_after=pres.params_after,

@@ -183,9 +183,11 @@ def finetune_options(tmp_path: Path, base, data, **kw):
 
 
 def prune_args(src, out, calib, *extra):
-    """``gqaprune prune`` arguments for a tiny model with a small local calibration file."""
+    """``gqaprune prune`` arguments for a tiny model with a small local calibration file; recipe ``fast`` (the
+    seed guide's Taylor + uniform, seconds) unless ``extra`` names a recipe or replays a plan."""
+    recipe = [] if "--plan" in extra or "--recipe" in extra else ["--recipe", "fast"]
     return ["prune", "--model", str(src), "--output", str(out), "--calibration", str(calib),
-            "--num-samples", "4", "--seq-len", "16", "--calib-batch-size", "2", *extra]
+            "--num-samples", "4", "--seq-len", "16", "--calib-batch-size", "2", *recipe, *extra]
 
 
 LOADERS = ("gqaprune.models.io", "gqaprune.prune.command", "gqaprune.recover.merge", "gqaprune.recover.finetune",

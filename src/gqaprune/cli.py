@@ -51,9 +51,17 @@ def cmd_prune(ns) -> int:
 
     con.print("[bold]serve[/]      " + where_it_runs(plan.source_shape.get("family", "llama"), not plan.is_uniform(),
                                                      plan.layout))
-    if opts.plan is None and not opts.compensate and opts.criterion == "taylor" and opts.layout == "uniform":
-        con.print("[dim]tip: for better one-shot quality see the README's 'Best one-shot quality' recipe "
-                  "(measured in benchmarks/results/ablation_smollm2.md)[/]")
+    rec = opts.recipe_record
+    if rec["name"]:
+        from gqaprune.prune.recipes import measured
+
+        given = "; ".join(f"--{k.replace('_', '-')} {v['given']} (given) over {v['recipe']}"
+                          for k, v in rec["overridden"].items()) + "".join("; " + n for n in rec["adjusted"])
+        con.print(f"[bold]recipe[/]     {rec['name']}" + (f" with {given}: the measured figures below are for the "
+                                                         "recipe as defined" if given else ""))
+        line = measured(rec["name"], opts.pruning_ratio or res.reduction)
+        con.print(f"           {line}" if line else "           (no measured figures for it: "
+                  "benchmarks/results/recipes_smollm2.json is not in this install)")
     return 0
 
 

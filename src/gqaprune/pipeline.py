@@ -131,7 +131,7 @@ def step_options(opts: RunOptions, root: Path) -> dict:
     d = {k: root / k for k in STEPS}
     calib = "alpaca" if opts.data_path.lower() == "yahma/alpaca-cleaned" else opts.data_path
     s = opts.setting
-    prune = PruneOptions(model=opts.model, output=str(d["pruned"]), pruning_ratio=opts.pruning_ratio,
+    prune = PruneOptions(recipe="fast", model=opts.model, output=str(d["pruned"]), pruning_ratio=opts.pruning_ratio,
                          criterion=opts.criterion, layout=opts.layout, calibration=calib,
                          num_samples=s("num_samples"), round_mlp_to=opts.round_mlp_to, compensate=opts.compensate,
                          steps=opts.steps, allocation=opts.allocation, split=opts.split,

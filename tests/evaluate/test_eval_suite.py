@@ -40,7 +40,8 @@ def test_base_model_comparison(tiny_dir, tmp_path, data_env, capsys):
     text.write_text("The quick brown fox jumps over the lazy dog. " * 40)
     pruned = tmp_path / "pruned"
     assert main(["prune", "--model", str(tiny_dir), "--output", str(pruned), "--calibration", str(text),
-                 "--num-samples", "4", "--seq-len", "16", "--pruning-ratio", "0.3", "--criterion", "magnitude"]) == 0
+                 "--num-samples", "4", "--seq-len", "16", "--pruning-ratio", "0.3", "--criterion", "magnitude",
+                 "--recipe", "fast"]) == 0
     lora = _adapter(pruned, tmp_path / "lora")
     out = tmp_path / "ev"
     rc = _script("evaluate_lora_model").main([

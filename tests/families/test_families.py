@@ -154,14 +154,14 @@ def test_every_criterion_and_the_quality_steps_run(family, calib_ids):
         scores = score_units(model, lay, name, calib_ids, progress=False)
         assert [len(s["kv"]) for s in scores] == [s.n_kv for s in lay.layers]
         assert all(torch.isfinite(s["mlp"]).all() for s in scores), name
-    opts = PruneOptions(pruning_ratio=0.3, layout="per-layer", criterion="taylor", allocation="search",
+    opts = PruneOptions(recipe="fast", pruning_ratio=0.3, layout="per-layer", criterion="taylor", allocation="search",
                         search_evaluations=4, search_samples=2, sensitivity_samples=2, split="search",
                         compensate=True, calib_batch_size=2, dry_run=True, device="cpu", dtype="fp32")
     pruned, plan = prune_model(copy.deepcopy(model), opts, calib_ids, progress=False)
     assert abs(plan.provenance["reduction"] - 0.3) < 0.05
     assert torch.isfinite(logits(pruned)).all()
     # plan replay: the saved plan applied to the original gives the same model (compensation aside: off here)
-    plain = PruneOptions(pruning_ratio=0.3, layout="per-layer", criterion="magnitude", dry_run=True, device="cpu",
+    plain = PruneOptions(recipe="fast", pruning_ratio=0.3, layout="per-layer", criterion="magnitude", dry_run=True, device="cpu",
                          dtype="fp32")
     first, plan = prune_model(copy.deepcopy(model), plain, None, progress=False)
     again = apply_plan(copy.deepcopy(model), PrunePlan.from_dict(json.loads(plan.to_json())))

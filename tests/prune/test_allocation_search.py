@@ -97,7 +97,7 @@ def test_search_result_is_rejected_when_the_check_samples_disagree(monkeypatch):
 
 def test_prune_with_allocation_search_records_provenance_and_replays():
     m = make_tiny_model(num_hidden_layers=4)
-    o = PruneOptions(pruning_ratio=0.3, criterion="taylor", layout="per-layer", allocation="search",
+    o = PruneOptions(recipe="fast", pruning_ratio=0.3, criterion="taylor", layout="per-layer", allocation="search",
                      sensitivity_samples=4, search_samples=4, search_evaluations=25, calib_batch_size=4,
                      compensate=True)
     pruned, plan = prune_model(copy.deepcopy(m), o, CALIB, progress=False)
@@ -113,7 +113,7 @@ def test_prune_with_allocation_search_records_provenance_and_replays():
 
 def test_allocation_search_needs_per_layer_layout(tiny_model):
     with pytest.raises(GQAPruneError, match="per-layer"):
-        prune_model(tiny_model, PruneOptions(pruning_ratio=0.3, allocation="search"), CALIB, progress=False)
+        prune_model(tiny_model, PruneOptions(recipe="fast", pruning_ratio=0.3, allocation="search"), CALIB, progress=False)
 
 
 def test_mixed_moves_trade_kv_groups_for_channels_and_stay_within_half_a_channel():

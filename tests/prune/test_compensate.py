@@ -152,7 +152,7 @@ def test_bad_compensation_inputs(tiny_model):
 
 
 def opts(**kw):
-    base = dict(pruning_ratio=0.4, criterion="taylor", calib_batch_size=8)
+    base = dict(recipe="fast", pruning_ratio=0.4, criterion="taylor", calib_batch_size=8)
     base.update(kw)
     return PruneOptions(**base)
 
@@ -207,7 +207,7 @@ def test_cli_prune_compensate_and_replay(tiny_dir, tmp_path, capsys):
     calib.write_text("\n\n".join(f"The quick brown fox {i} jumps over the lazy dog number {i * 7}." for i in range(400)))
     out = tmp_path / "comp"
     args = ["prune", "--model", str(tiny_dir), "--output", str(out), "--calibration", str(calib), "--num-samples", "8",
-            "--seq-len", "16", "--pruning-ratio", "0.3", "--compensate", "--steps", "2"]
+            "--seq-len", "16", "--pruning-ratio", "0.3", "--compensate", "--steps", "2", "--recipe", "fast"]
     assert main(args) == 0
     prov = json.loads((out / "prune_plan.json").read_text())["provenance"]
     assert prov["steps"] == 2 and len(prov["compensation"]) == 2

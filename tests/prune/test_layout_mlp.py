@@ -67,8 +67,8 @@ def test_widths_deci_cannot_express_are_refused():
     from gqaprune.prune.options import PruneOptions
 
     with pytest.raises(GQAPruneError, match="multiples of 256"):
-        PruneOptions(pruning_ratio=0.2, layout="per-layer-mlp", round_mlp_to=64)
-    assert PruneOptions(pruning_ratio=0.2, layout="per-layer-mlp").round_mlp_to == 256   # the default there
+        PruneOptions(recipe="fast", pruning_ratio=0.2, layout="per-layer-mlp", round_mlp_to=64)
+    assert PruneOptions(recipe="fast", pruning_ratio=0.2, layout="per-layer-mlp").round_mlp_to == 256   # the default there
 
 
 def test_allocation_search_keeps_the_kv_groups_equal():

@@ -69,7 +69,7 @@ def test_weights_are_bounded_sqrt_of_relative_kl():
 def test_sensitivity_allocation_meets_budget_and_records_provenance(tiny_model):
     m = make_tiny_model(num_hidden_layers=4)
     lay = model_layout(m)
-    o = PruneOptions(pruning_ratio=0.3, criterion="taylor", layout="per-layer", allocation="sensitivity",
+    o = PruneOptions(recipe="fast", pruning_ratio=0.3, criterion="taylor", layout="per-layer", allocation="sensitivity",
                      sensitivity_samples=4, calib_batch_size=4)
     pruned, plan = prune_model(copy.deepcopy(m), o, CALIB, progress=False)
     prov = plan.provenance
@@ -106,7 +106,7 @@ def test_weights_shift_the_allocation():
 
 def test_sensitivity_needs_per_layer_layout(tiny_model):
     with pytest.raises(GQAPruneError, match="per-layer"):   # refused when the options are built
-        PruneOptions(pruning_ratio=0.3, allocation="sensitivity", layout="uniform")
+        PruneOptions(recipe="fast", pruning_ratio=0.3, allocation="sensitivity", layout="uniform")
     lay = model_layout(tiny_model)
     with pytest.raises(GQAPruneError, match="per-layer"):
         make_plan(lay, score_units(tiny_model, lay, "magnitude", None), Budget(ratio=0.3).resolve(lay), layer_weights={0: 1.0})
@@ -141,7 +141,7 @@ def test_kv_fraction_sets_the_split(layout_kind):
 def test_split_search_keeps_the_least_disturbing_plan():
     m = make_tiny_model(num_key_value_heads=4, num_attention_heads=8, num_hidden_layers=2)
     lay = model_layout(m)
-    o = PruneOptions(pruning_ratio=0.3, criterion="taylor", split="search", sensitivity_samples=4, calib_batch_size=4)
+    o = PruneOptions(recipe="fast", pruning_ratio=0.3, criterion="taylor", split="search", sensitivity_samples=4, calib_batch_size=4)
     pruned, plan = prune_model(copy.deepcopy(m), o, CALIB, progress=False)
     rep = plan.provenance["split_search"][0]
     cands = [c for c in rep["candidates"] if "kl" in c]

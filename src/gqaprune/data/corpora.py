@@ -16,7 +16,8 @@ LOCAL_CORPORA = {
     "ptb": {"test": "ptb/ptb.test.txt", "train": "ptb/ptb.train.txt", "validation": "ptb/ptb.valid.txt"},
     "c4": {"validation": "c4/c4-validation.00000-of-00008.json.gz", "train": "c4/c4-train.00000-of-01024.json.gz"},
 }
-CORPUS_ALIASES = {"wikitext2": "wikitext2", "wikitext": "wikitext2", "wikitext-2": "wikitext2", "wikitext2-raw": "wikitext2",
+HELD_OUT = "alpaca-heldout"   # validation text: the held-out Alpaca-cleaned records (instructions.HELD_OUT_EVERY)
+CORPUS_ALIASES = {HELD_OUT: HELD_OUT, "alpaca-val": HELD_OUT, "wikitext2": "wikitext2", "wikitext": "wikitext2", "wikitext-2": "wikitext2", "wikitext2-raw": "wikitext2",
                   "ptb": "ptb", "c4": "c4"}
 @dataclass
 class CorpusText:
@@ -47,7 +48,8 @@ def corpus_key(name: str, flag: str = "dataset") -> str | None:
     key = CORPUS_ALIASES.get(name.lower())
     if key is None:
         raise GQAPruneError(
-            f"{flag} {name}: not a known corpus ({', '.join(sorted(LOCAL_CORPORA))}) and no such file; pass one of "
+            f"{flag} {name}: not a known corpus ({', '.join(sorted([*LOCAL_CORPORA, HELD_OUT]))}) and no such file; "
+            "pass one of "
             "those names or a path to a .txt/.json/.jsonl(.gz) file."
         )
     return key
@@ -58,6 +60,10 @@ def check_corpus(name: str, split: str = "test", flag: str = "dataset") -> None:
     key = corpus_key(name, flag)
     if key is None:
         return
+    if key == HELD_OUT:
+        from gqaprune.data.calibration import check_source
+
+        return check_source("alpaca", flag + " " + name)
     rel = LOCAL_CORPORA[key].get(split)
     if (rel is None or local_data_file(rel) is None) and hub_offline():
         raise GQAPruneError(f"{flag} {name}: no local copy of its {split} split and the Hub is offline "
@@ -80,6 +86,11 @@ def load_text_corpus(name: str, split: str = "test") -> CorpusText:
                 raise GQAPruneError(f"{p}: not UTF-8 text ({e}); convert it (e.g. iconv -t utf-8) or pass another "
                                     "file") from e
         return CorpusText(text, p.name, "file", str(p))
+    if key == HELD_OUT:   # one split whatever is asked: the held-out records, in the fine-tuning template
+        from gqaprune.data.instructions import load_instruction_records, resolve_instruction_source
+
+        return CorpusText("\n\n".join(record_text(r) for r in load_instruction_records("alpaca", "held_out")),
+                          HELD_OUT, "held-out", resolve_instruction_source("alpaca"))
     rel = LOCAL_CORPORA[key].get(split)
     local = local_data_file(rel) if rel else None
     if local is not None:

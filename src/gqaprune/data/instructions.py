@@ -12,6 +12,11 @@ log = logging.getLogger(__name__)
 
 ALPACA_IDS = ("yahma/alpaca-cleaned", "alpaca-cleaned", "alpaca")
 ALPACA_LOCAL = "alpaca-cleaned/alpaca_data_cleaned.jsonl.gz"
+# Alpaca-cleaned records at file positions i with i % HELD_OUT_EVERY == HELD_OUT_EVERY - 1 (2%, about 1,035
+# records) are held out: calibration and fine-tuning never draw them, and the corpus ``alpaca-heldout``
+# (gqaprune's validation text for choosing recipes and hyperparameters) is made of them. A fixed
+# rule, not a seeded draw, so every seed and every command holds out the same records.
+HELD_OUT_EVERY = 50
 
 ALPACA_TEMPLATE = (
     "Below is an instruction that describes a task, paired with an input that provides further context. "
@@ -46,8 +51,31 @@ def resolve_instruction_source(name_or_path: str) -> str:
     return "hub:" + name_or_path
 
 
-def load_instruction_records(name_or_path: str) -> list[dict]:
-    """Instruction records (instruction/input/output) from a Hub id or a local .json/.jsonl(.gz)."""
+def is_alpaca(name_or_path: str) -> bool:
+    """Whether the source is Alpaca-cleaned (its Hub id, alias, or the local copy under GQAPRUNE_DATA_DIR)."""
+    if name_or_path.lower() in ALPACA_IDS:
+        return True
+    local = local_data_file(ALPACA_LOCAL)
+    p = Path(name_or_path).expanduser()
+    return local is not None and p.is_file() and p.resolve() == Path(local).resolve()
+
+
+def load_instruction_records(name_or_path: str, part: str = "train") -> list[dict]:
+    """Instruction records (instruction/input/output) from a Hub id or a local .json/.jsonl(.gz).
+
+    ``part``: for Alpaca-cleaned, ``train`` = all but the held-out records (see HELD_OUT_EVERY),
+    ``held_out`` = only those; any other source has no held-out part (``train`` = all of it).
+    """
+    records = _read_instruction_records(name_or_path)
+    if not is_alpaca(name_or_path):
+        if part != "train":
+            raise GQAPruneError(f"{name_or_path}: only Alpaca-cleaned has a held-out part")
+        return records
+    k = HELD_OUT_EVERY
+    return [r for i, r in enumerate(records) if (i % k == k - 1) == (part == "held_out")]
+
+
+def _read_instruction_records(name_or_path: str) -> list[dict]:
     src = resolve_instruction_source(name_or_path)
     if src.startswith("hub:"):
         ds = hub_dataset(src[4:], None, "train", f"--data_path {name_or_path}")

@@ -123,7 +123,7 @@ def cut(model, opts: PruneOptions, plan: PrunePlan | None, target: Target | None
     if plan is None:
         prov = {"source_model": opts.model, "criterion": opts.criterion, "calibration": calib_desc,
                 "calibration_tokens": None if ids is None else int(ids.numel()), "seed": opts.seed,
-                "gqaprune_version": __version__}
+                "recipe": opts.recipe_record, "gqaprune_version": __version__}
         return prune_model(model, opts, ids, provenance=prov, target=target, progress=progress)
     plan.provenance.setdefault("applied_from", opts.plan)
     if opts.compensate:

@@ -19,6 +19,8 @@ from gqaprune.prune.compensate import TARGETS as COMPENSATE_TARGETS
 from gqaprune.models.pruned_deci import FFN_MULTIPLE as DECI_MULTIPLE
 from gqaprune.models.family import FAMILIES
 from gqaprune.prune.plan import LAYOUTS, PER_LAYER
+from gqaprune.prune.recipes import DEFAULT as DEFAULT_RECIPE, RECIPES, check_name as check_recipe
+from gqaprune.prune.recipes import resolve as resolve_recipe
 from gqaprune.prune.score import CRITERIA
 
 # MLP widths in multiples of this run near full speed in GPU matmul kernels (tensor-core tiles);
@@ -67,7 +69,7 @@ class BudgetArgs(Args):
 @dataclass
 class CriterionArgs(Args):
     GROUP = "criterion"
-    criterion: str = opt("taylor", "importance criterion (obs: the o_proj/down_proj output error when the unit is "
+    criterion: str | None = opt(None, "importance criterion (default: the recipe's; obs: the o_proj/down_proj output error when the unit is "
                          "removed and the rest refit, greedy structured OBS on calibration activations)",
                          choices=tuple(CRITERIA))
     hooks: bool = opt(True, "fold each gradient into the scores as it arrives (--no-hooks: after each backward, "
@@ -77,25 +79,25 @@ class CriterionArgs(Args):
 @dataclass
 class LayoutArgs(Args):
     GROUP = "layout and allocation"
-    layout: str = opt("uniform", "uniform: same counts in every pruned layer (stock LlamaConfig); per-layer: counts "
+    layout: str | None = opt(None, "(default: the recipe's) uniform: same counts in every pruned layer (stock LlamaConfig); per-layer: counts "
                       "vary by layer from globally ranked, per-layer-normalised scores; per-layer-mlp: the same KV "
                       "groups in every layer, MLP widths per layer, saved as DeciLM block_configs (vLLM serves it; "
                       f"widths in multiples of {DECI_MULTIPLE})", choices=LAYOUTS)
-    allocation: str = opt("scores", "per-layer layout: scores = per-layer-normalised scores; sensitivity = also "
+    allocation: str | None = opt(None, "per-layer layout (default: the recipe's): scores = per-layer-normalised scores; sensitivity = also "
                           "weight each layer by its measured calibration-loss rise when pruned alone; search = "
                           "start from sensitivity, then move channels/KV groups between layers while the "
                           "calibration KL from the unpruned model goes down", choices=ALLOCATIONS)
-    split: str = opt("balanced", "attention vs MLP: balanced = both lose the same fraction of their units; search = "
+    split: str | None = opt(None, "attention vs MLP (default: the recipe's): balanced = both lose the same fraction of their units; search = "
                      "try each share of KV groups removed (MLP takes the rest) and keep the plan whose output moves "
                      "least on calibration samples (KL)", choices=SPLITS)
-    sensitivity_samples: int = opt(8, "calibration samples used to measure layer sensitivity and to compare "
+    sensitivity_samples: int | None = opt(None, "(default: the recipe's) calibration samples used to measure layer sensitivity and to compare "
                                    "splits (--allocation sensitivity, --split search)")
-    search_evaluations: int = opt(150, "--allocation search: moves to try (each reruns about half the model on "
+    search_evaluations: int | None = opt(None, "--allocation search (default: the recipe's): moves to try (each reruns about half the model on "
                                   "--search-samples samples)")
-    search_moves: str = opt("same", "--allocation search: same = channels for channels, KV groups for KV groups; "
+    search_moves: str | None = opt(None, "--allocation search (default: the recipe's): same = channels for channels, KV groups for KV groups; "
                             "mixed = layers may also trade a KV group for the same parameters in MLP channels "
                             "(and back)", choices=SEARCH_MOVES)
-    search_samples: int = opt(8, "--allocation search: calibration samples the KL is measured on (the next as "
+    search_samples: int | None = opt(None, "--allocation search (default: the recipe's): calibration samples the KL is measured on (the next as "
                               "many, when there are, check that the result generalises)")
 
     def __post_init__(self) -> None:
@@ -106,7 +108,7 @@ class LayoutArgs(Args):
 @dataclass
 class QualityArgs(Args):
     GROUP = "quality steps"
-    compensate: bool = opt(False, "refit the o_proj/down_proj columns of kept units by least squares so each "
+    compensate: bool | None = opt(None, "(default: the recipe's) refit the o_proj/down_proj columns of kept units by least squares so each "
                            "pruned layer's output matches the unpruned layer's on the calibration tokens")
     compensate_target: str = opt("layer", "what the refit matches: layer = the unpruned sublayer on the pruned "
                                  "model's inputs; dense = the dense model's own residual stream",
@@ -133,10 +135,11 @@ class CalibrationArgs(Args):
     GROUP = "calibration"
     calibration: str = opt("alpaca", "calibration data: alpaca (yahma/alpaca-cleaned), wikitext2 (train), c4, or a "
                            "local .txt/.json/.jsonl(.gz) file")
-    calibration_format: str = opt("prompt", "instruction data (alpaca) as calibration text: prompt = the Alpaca "
+    calibration_format: str | None = opt(None, "instruction data (alpaca) as calibration text (default: the "
+                                  "recipe's): prompt = the Alpaca "
                                   "template + response, as fine-tuning sees it; text = instruction, input and "
                                   "output as plain text", choices=CALIBRATION_FORMATS)
-    num_samples: int = opt(64, "calibration samples")
+    num_samples: int | None = opt(None, "calibration samples (default: the recipe's)")
     seq_len: int = opt(128, "tokens per calibration sample")
     calib_batch_size: int = opt(8, "samples per calibration forward/backward; gradient scores are summed per batch")
     seed: int = opt(0, "seed for the calibration sample and the random criterion")
@@ -176,11 +179,21 @@ class PruneOutputArgs(Args):
 @dataclass
 class PruneOptions(BudgetArgs, CriterionArgs, LayoutArgs, QualityArgs, CalibrationArgs, PPLArgs, PruneOutputArgs,
                    ModelArgs):
+    recipe: str | None = opt(None, "a named set of the criterion, layout, allocation, split, refit and calibration "
+                             f"options below: {', '.join(RECIPES)} (default: {DEFAULT_RECIPE}; none with --plan). "
+                             "Flags given explicitly win over it; the plan records both", choices=tuple(RECIPES))
     model: str = opt("smollm2-135m", "model to prune: HF folder, Hub id, .gguf file, alias smollm2-135m, or legacy "
                      "pytorch_model.bin (with --allow-pickle), of one of these families: " + "; ".join(
                          f"{f.label}: {f.example}" for f in FAMILIES.values()))
 
     def __post_init__(self) -> None:
+        # the recipe fills what was left unset, before any group checks its values
+        if self.recipe is not None:
+            check_recipe(self.recipe)
+            if self.plan is not None:
+                raise GQAPruneError(f"--recipe {self.recipe}: --plan replays a saved plan, so nothing is scored; leave "
+                                    "out --recipe (add --compensate to refit while replaying)")
+        self.recipe_record = resolve_recipe(self, None if self.plan is not None else self.recipe or DEFAULT_RECIPE)
         super().__post_init__()
         if self.layout == "per-layer-mlp" and self.plan is None:   # DeciLM can only express multiples of 256
             if self.round_mlp_to is None:

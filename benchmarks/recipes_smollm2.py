@@ -1,0 +1,236 @@
+#!/usr/bin/env python
+"""SmolLM2-135M: the ``--recipe`` presets under the honest protocol (issue 14, section 1).
+
+    GQAPRUNE_DATA_DIR=../shared/data python benchmarks/recipes_smollm2.py \
+        [--rows dense,balanced:0.2:0,fast:0.2:0,...] [--out benchmarks/results/recipes_smollm2]
+
+Each row is ``recipe:ratio:seed`` (seed = the calibration sample's seed), pruned here by the real CLI
+(``gqaprune prune --recipe R --pruning-ratio r --seed s``, one run at a time, fp32 on CPU); *prune s*
+is that whole command's wall time (load, calibration, scoring, search, refit, save).
+
+Measured for every row, with the same token ids for every row:
+
+* **validation** (for choosing): the first ``--val-tokens`` tokens of ``alpaca-heldout``, the Alpaca-cleaned
+  records that calibration and fine-tuning never draw (``gqaprune.data.instructions.HELD_OUT_EVERY``),
+  in the fine-tuning template; window 128, stride 128.
+* **report**: the *whole* WikiText-2 test split, window 128 stride 128 and window 2048 stride 2048, scored
+  as two halves A and B split at a multiple of 2048 tokens. Each window lies in one half, so the
+  whole-split PPL is exactly exp of the token-weighted mean NLL of A and B (the same windows a single
+  pass scores); the halves give a spread over slices, the seeds a spread over calibration samples.
+
+Nothing is chosen on the WikiText-2 columns: the recipes were fixed before this run, and any choice
+between them is made on the validation column.
+
+Resumable: every measurement is saved to OUT.json as it finishes, and checkpoint folders already written
+are reused. ``summary`` in the JSON (per recipe and ratio, the mean over seeds) is what
+``gqaprune prune`` prints after a run with that recipe.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import statistics
+import sys
+import time
+from pathlib import Path
+
+from _common import log, run_measured, run_meta, write_markdown  # noqa: E402  (benchmarks/ is on sys.path)
+
+DEFAULT_ROWS = ("dense,balanced:0.2:0,fast:0.2:0,balanced:0.2:1,balanced:0.5:0,balanced:0.5:1,fast:0.2:1,"
+                "fast:0.5:0,best:0.2:0")
+KEYS = ("val", "A128", "B128", "A2048", "B2048")   # in measuring order: the cheap validation first
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", default="smollm2-135m")
+    p.add_argument("--rows", default=DEFAULT_ROWS, help="dense and recipe:ratio:seed, comma-separated, run in order")
+    p.add_argument("--val-tokens", type=int, default=32768)
+    p.add_argument("--work", default="prune_log/recipes_bench", help="folder for the checkpoints")
+    p.add_argument("--out", default="benchmarks/results/recipes_smollm2")
+    p.add_argument("--also-running", default="nothing else of ours",
+                   help="what else shared the machine (stated in the table; prune times depend on it)")
+    p.add_argument("--render", action="store_true", help="only re-render the Markdown from the JSON")
+    return p.parse_args(argv)
+
+
+def parse_row(spec: str) -> tuple[str, float, int] | None:
+    if spec == "dense":
+        return None
+    recipe, ratio, seed = spec.split(":")
+    return recipe, float(ratio), int(seed)
+
+
+class Measurer:
+    """Loads each model once and measures the missing keys of its row, saving after each."""
+
+    def __init__(self, a, data: dict, save):
+        self.a, self.data, self.save, self.ids = a, data, save, {}
+
+    def token_ids(self, tok) -> None:
+        from gqaprune.data.corpora import load_text_corpus
+        from gqaprune.evaluate.perplexity import tokenize_corpus
+
+        if self.ids:
+            return
+        test = tokenize_corpus(tok, load_text_corpus("wikitext2", "test").text)
+        half = (len(test) // 2) // 2048 * 2048        # a multiple of both windows: no window straddles A and B
+        val = tokenize_corpus(tok, load_text_corpus("alpaca-heldout").text)[: self.a.val_tokens]
+        self.ids = {"val": (val, 128), "A128": (test[:half], 128), "B128": (test[half:], 128),
+                    "A2048": (test[:half], 2048), "B2048": (test[half:], 2048)}
+        self.data["tokens"] = {"test": len(test), "half": half, "val": len(val)}
+
+    def __call__(self, name: str, ref: str) -> None:
+        from gqaprune.evaluate.perplexity import perplexity_of_ids
+        from gqaprune.models.io import load_model
+
+        r = self.data.setdefault("ppl", {}).setdefault(name, {})
+        if all(k in r for k in KEYS):
+            return
+        model, tok = load_model(ref, dtype="fp32", device="cpu")
+        self.token_ids(tok)   # every checkpoint carries the source tokenizer: the same ids for every row
+        for key in KEYS:
+            if key in r:
+                continue
+            ids, win = self.ids[key]
+            t = time.perf_counter()
+            nll, n = perplexity_of_ids(model, ids, seq_len=win, progress=False)
+            r[key] = {"nll": nll, "ppl": math.exp(nll), "n_tokens": n, "seconds": round(time.perf_counter() - t, 1)}
+            log(f"{name}: {key} PPL {r[key]['ppl']:.2f} on {n} tokens in {r[key]['seconds']} s")
+            self.save()
+        del model
+
+
+def whole(r: dict, win: int) -> tuple[float, int] | None:
+    """(PPL of the whole test split, tokens scored) from the halves: exp of the token-weighted mean NLL."""
+    a, b = r.get(f"A{win}"), r.get(f"B{win}")
+    if not a or not b:
+        return None
+    n = a["n_tokens"] + b["n_tokens"]
+    return math.exp((a["nll"] * a["n_tokens"] + b["nll"] * b["n_tokens"]) / n), n
+
+
+def summary(data: dict) -> list[dict]:
+    """Per recipe and ratio: mean over seeds of the whole-split x dense at both windows, and the prune time."""
+    ppl, rows, meta = data.get("ppl", {}), data.get("rows", {}), data["meta"]
+    d128, d2048 = whole(ppl.get("dense", {}), 128), whole(ppl.get("dense", {}), 2048)
+    if not d128 or not d2048:
+        return []
+    groups: dict[tuple, list] = {}
+    for name, row in rows.items():
+        w128, w2048 = whole(ppl.get(name, {}), 128), whole(ppl.get(name, {}), 2048)
+        if w128 and w2048 and row.get("prune_s"):
+            groups.setdefault((row["recipe"], row["ratio"]), []).append((w128[0], w2048[0], row["prune_s"]))
+    m = meta["machine"]
+    return [{"recipe": rc, "ratio": ratio, "seeds": len(v), "model": meta["model"],
+             "x_dense_w128": statistics.mean(x[0] for x in v) / d128[0],
+             "x_dense_w2048": statistics.mean(x[1] for x in v) / d2048[0],
+             "prune_s": statistics.mean(x[2] for x in v),
+             "protocol": f"whole WikiText-2 test ({d128[1]:,} tokens scored at window 128), mean of {len(v)} "
+                         f"calibration seed{'s' if len(v) > 1 else ''}",
+             "machine": f"a {m['cores_visible']}-core CPU"} for (rc, ratio), v in sorted(groups.items())]
+
+
+def render(data: dict, path: Path) -> None:
+    meta, rows, ppl = data["meta"], data.get("rows", {}), data.get("ppl", {})
+    tk = data.get("tokens", {})
+    L = ["# SmolLM2-135M: the --recipe presets, chosen on validation text, reported on the whole WikiText-2 test",
+         "", f"- date: {meta['date']}; command: `{meta['command']}` (git {meta['machine'].get('git')})",
+         f"- machine: {meta['machine']['cpu']}, {meta['machine']['cores_visible']} cores, torch "
+         f"{meta['machine']['torch']}, transformers {meta['machine']['transformers']}, fp32 on CPU; one prune or "
+         f"evaluation at a time; also running: {meta.get('also_running')}",
+         "- every row: `gqaprune prune --model " + meta["model"] + " --recipe R --pruning-ratio r --seed s "
+         "--device cpu --dtype fp32 --output DIR` (the recipes' flags: `src/gqaprune/prune/recipes.py`, the "
+         "README's Recipes table); the exact command and the recipe record of each row are in the JSON",
+         f"- **validation** (choose here): `alpaca-heldout` (Alpaca-cleaned records never used for calibration or "
+         f"fine-tuning), first {tk.get('val', 0):,} tokens, window 128 stride 128",
+         f"- **report**: the whole WikiText-2 test split ({tk.get('test', 0):,} tokens), window 128 stride 128 "
+         "and window 2048 stride 2048, transformers fp32; A = tokens [0, "
+         f"{tk.get('half', 0):,}), B = the rest; *whole* = exp of the token-weighted mean NLL of A and B, which "
+         "is exactly the one-pass PPL of the whole split (no window straddles the cut)",
+         "- *seed* is the calibration sample's seed (the spread over calibration samples); *A / B* are the two "
+         "halves' PPLs (the spread over slices)", "",
+         "| row | recipe | ratio | seed | removed | val PPL | × dense | w128 whole | × dense | A / B w128 "
+         "| w2048 whole | × dense | A / B w2048 | prune s |",
+         "|---|---|---:|---:|---:|---:|---:|---:|---:|---|---:|---:|---|---:|"]
+    d = ppl.get("dense", {})
+    dv, d128, d2048 = d.get("val", {}).get("ppl"), whole(d, 128), whole(d, 2048)
+
+    def cells(r, dense_val):
+        out = []
+        v = r.get("val", {}).get("ppl")
+        out += [f"{v:.2f}" if v else "", f"{v / dense_val:.2f}" if v and dense_val else ""]
+        for win, dw in ((128, d128), (2048, d2048)):
+            w = whole(r, win)
+            out += [f"{w[0]:.2f}" if w else "", f"{w[0] / dw[0]:.2f}" if w and dw else "",
+                    f"{r[f'A{win}']['ppl']:.2f} / {r[f'B{win}']['ppl']:.2f}" if w else ""]
+        return out
+
+    L.append("| dense | | | | 0 | " + " | ".join(cells(d, dv)) + " | |")
+    for name, row in rows.items():
+        L.append(f"| {name} | {row['recipe']} | {row['ratio']:.0%} | {row['seed']} | {row['reduction']:.2%} | "
+                 + " | ".join(cells(ppl.get(name, {}), dv)) + f" | {row.get('prune_s') or 0:.0f} |")
+    s = summary(data)
+    if s:
+        L += ["", "Per recipe (mean over seeds; what `gqaprune prune` prints after a run with that recipe):", "",
+              "| recipe | ratio | seeds | × dense w128 (whole test) | × dense w2048 (whole test) | prune s |",
+              "|---|---:|---:|---:|---:|---:|"]
+        L += [f"| {x['recipe']} | {x['ratio']:.0%} | {x['seeds']} | {x['x_dense_w128']:.2f} | "
+              f"{x['x_dense_w2048']:.2f} | {x['prune_s']:.0f} |" for x in s]
+    write_markdown(path, L, data.get("notes"))
+
+
+def main(argv=None) -> int:
+    a = parse_args(argv)
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    out = Path(a.out).with_suffix(".json")
+    data = json.loads(out.read_text()) if out.is_file() else {}
+    if a.render:
+        data["summary"] = summary(data)
+        render(data, out.with_suffix(".md"))
+        return 0
+    data["meta"] = run_meta(model=a.model, also_running=a.also_running)
+    rows = data.setdefault("rows", {})
+
+    def save():
+        data["summary"] = summary(data)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        tmp = out.with_suffix(".json.tmp")
+        tmp.write_text(json.dumps(data, indent=1))
+        tmp.replace(out)
+        render(data, out.with_suffix(".md"))
+
+    measure = Measurer(a, data, save)
+    env = dict(os.environ, TOKENIZERS_PARALLELISM="false")
+    for spec in a.rows.split(","):
+        row = parse_row(spec)
+        if row is None:
+            measure("dense", a.model)
+            continue
+        recipe, ratio, seed = row
+        name = f"{recipe} {ratio:.0%} s{seed}"
+        folder = Path(a.work) / f"{recipe}_{int(ratio * 100)}_s{seed}"
+        cmd = [sys.executable, "-m", "gqaprune", "prune", "--model", a.model, "--recipe", recipe, "--pruning-ratio",
+               str(ratio), "--seed", str(seed), "--device", "cpu", "--dtype", "fp32", "--output", str(folder)]
+        if name not in rows:
+            wall = None
+            if not (folder / "config.json").is_file():
+                log(f"{name}: {' '.join(cmd[2:])}")
+                res = run_measured(cmd, env)
+                if res["rc"] != 0:
+                    raise SystemExit(f"{name}: gqaprune prune failed (exit {res['rc']}):\n{res['output_tail']}")
+                wall = res["wall_s"]
+            prov = json.loads((folder / "prune_plan.json").read_text())["provenance"]
+            rows[name] = {"recipe": recipe, "ratio": ratio, "seed": seed, "folder": str(folder), "prune_s": wall,
+                          "command": "gqaprune " + " ".join(cmd[3:]), "reduction": prov["reduction"],
+                          "recipe_record": prov.get("recipe")}
+            save()
+        measure(name, rows[name]["folder"])
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
