@@ -301,10 +301,24 @@ def test_27_28_check_names_the_layer_whose_weights_disagree_with_the_config(prun
     assert "corr\n" not in err and "may be corr " not in err   # details are not cut mid-word
 
 
-def test_29_prune_tip_quotes_no_measured_figures(tiny_dir, tmp_path, calib_file, capsys):
+def test_29_prune_summary_takes_measured_figures_from_the_results_file_only(tiny_dir, tmp_path, calib_file, capsys,
+                                                                            monkeypatch):
+    import json
+    import re
+
+    from gqaprune.prune import recipes
+
+    monkeypatch.setattr(recipes, "RESULTS", tmp_path / "none.json")
     assert main(prune_args(tiny_dir, tmp_path / "o", calib_file, "--pruning-ratio", "0.2")) == 0
-    tip = [ln for ln in capsys.readouterr().out.splitlines() if "tip:" in ln]
-    assert tip and not any(ch.isdigit() for ch in tip[0].split("tip:")[1].split("(")[0])
+    out = " ".join(capsys.readouterr().out.split())
+    line = out.split("(no measured figures")[1].split(")")[0]
+    assert "recipe fast" in line and "x dense" not in out and not re.search(r"\d\.\d", line)
+    row = {"recipe": "fast", "model": "m", "ratio": 0.2, "x_dense_w128": 4.321, "x_dense_w2048": 5.0,
+           "protocol": "p", "prune_s": 99.0, "machine": "a 2-core CPU"}
+    (tmp_path / "r.json").write_text(json.dumps({"summary": [row]}))
+    monkeypatch.setattr(recipes, "RESULTS", tmp_path / "r.json")
+    assert main(prune_args(tiny_dir, tmp_path / "o2", calib_file, "--pruning-ratio", "0.2")) == 0
+    assert "4.32x dense PPL" in " ".join(capsys.readouterr().out.split())
 
 
 def test_30_kept_units_chart_has_integer_ticks_and_a_clear_legend():

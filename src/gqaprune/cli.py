@@ -60,8 +60,8 @@ def cmd_prune(ns) -> int:
         con.print(f"[bold]recipe[/]     {rec['name']}" + (f" with {given}: the measured figures below are for the "
                                                          "recipe as defined" if given else ""))
         line = measured(rec["name"], opts.pruning_ratio or res.reduction)
-        con.print(f"           {line}" if line else "           (no measured figures for it: "
-                  "benchmarks/results/recipes_smollm2.json is not in this install)")
+        con.print(f"           {line}" if line else f"           (no measured figures for recipe {rec['name']}: "
+                  "benchmarks/results/recipes_smollm2.json, in the source tree, has none)")
     return 0
 
 

@@ -132,6 +132,19 @@ def cut(model, opts: PruneOptions, plan: PrunePlan | None, target: Target | None
     return apply_plan(model, plan), plan
 
 
+def reconstruct_layers(pruned, opts: PruneOptions, ids, progress: bool = True) -> dict:
+    """--reconstruct-epochs: train the pruned layers towards a fresh copy of the dense model's (prune/reconstruct.py)."""
+    from gqaprune.prune.reconstruct import reconstruct
+
+    dense, _ = load_model(opts.model, dtype=opts.dtype, device=opts.device, allow_pickle=opts.allow_pickle,
+                          with_tokenizer=False)
+    try:
+        return reconstruct(pruned, dense, ids, epochs=opts.reconstruct_epochs, lr=opts.reconstruct_lr,
+                           holdout=opts.compensate_holdout, batch_size=opts.calib_batch_size, progress=progress)
+    finally:
+        del dense
+
+
 def save(res: PruneResult, opts: PruneOptions, pruned, tok) -> None:
     from gqaprune.models.card import model_card
     from gqaprune.options import command_line
@@ -161,6 +174,8 @@ def prune(opts: PruneOptions) -> PruneResult:
     params_before = count_params(model)
     pruned, plan = cut(model, opts, plan, target, ids, calib_desc)
     del model
+    if opts.reconstruct_epochs:
+        plan.provenance["reconstruction"] = reconstruct_layers(pruned, opts, ids)
     params_after = count_params(pruned)
     if params_after != plan.provenance.get("params_after", params_after):
         raise RuntimeError(f"internal: plan predicted {plan.provenance['params_after']} params, got {params_after}")

@@ -120,10 +120,17 @@ class QualityArgs(Args):
                                     "refit that raises their error is rejected")
     steps: int = opt(1, "iterative pruning: remove the budget in K equal steps, re-scoring (and compensating) "
                      "between steps")
+    reconstruct_epochs: int = opt(0, "block-wise reconstruction after the cut: train every remaining weight of each "
+                                  "pruned layer for E passes over the calibration samples so its output matches the "
+                                  "dense layer's (Adam, one layer at a time; 0 = off; loads the dense model again)")
+    reconstruct_lr: float = opt(1e-4, "--reconstruct-epochs: Adam learning rate (cosine decay to 0)")
 
     def __post_init__(self) -> None:
         super().__post_init__()
         _at_least(self, 1, "steps")
+        _at_least(self, 0, "reconstruct_epochs")
+        if not self.reconstruct_lr > 0:
+            raise GQAPruneError(f"--reconstruct-lr {self.reconstruct_lr}: must be a positive learning rate")
         _at_least(self, 0, "compensate_ridge")
         if not 0 <= self.compensate_holdout < 1:
             raise GQAPruneError(f"--compensate-holdout {self.compensate_holdout}: must be in [0, 1), the fraction "
@@ -218,6 +225,6 @@ class PruneOptions(BudgetArgs, CriterionArgs, LayoutArgs, QualityArgs, Calibrati
         from gqaprune.prune.score import criterion
 
         if self.plan is not None:
-            return self.compensate
+            return self.compensate or self.reconstruct_epochs > 0
         return criterion(self.criterion).needs_calibration or self.compensate or self.allocation != "scores" \
-            or self.split == "search"
+            or self.split == "search" or self.reconstruct_epochs > 0

@@ -73,11 +73,11 @@ def resolve(opts, name: str | None) -> dict:
             "overridden": {k: {"recipe": a, "given": b} for k, (a, b) in overridden.items()}, "adjusted": adjusted}
 
 
-def measured(name: str | None, ratio: float | None, path: Path = RESULTS) -> str | None:
+def measured(name: str | None, ratio: float | None, path: Path | None = None) -> str | None:
     """One line of what recipe ``name`` measured on SmolLM2 at the nearest benchmarked ratio, read from the
-    results file; None when the file or the recipe's rows are not there (e.g. an installed wheel)."""
+    results file (default RESULTS); None when the file or the recipe's rows are not there (an installed wheel)."""
     try:
-        rows = json.loads(path.read_text())["summary"]
+        rows = json.loads((path or RESULTS).read_text())["summary"]
     except (OSError, ValueError, KeyError, TypeError):
         return None
     mine = [r for r in rows if r.get("recipe") == name]

@@ -171,4 +171,8 @@ def notes_for(plan: PrunePlan) -> list[str]:
         out.append((f"step {rep['step']}: " if multi else "") + search.summary_line(rep))
     for rep in prov.get("compensation", []):
         out.append((f"step {rep['step']}: " if multi else "") + compensate.summary_line(rep))
+    if prov.get("reconstruction"):
+        from gqaprune.prune.reconstruct import summary_line
+
+        out.append(summary_line(prov["reconstruction"]))
     return out
