@@ -55,9 +55,14 @@ def is_alpaca(name_or_path: str) -> bool:
     """Whether the source is Alpaca-cleaned (its Hub id, alias, or the local copy under GQAPRUNE_DATA_DIR)."""
     if name_or_path.lower() in ALPACA_IDS:
         return True
-    local = local_data_file(ALPACA_LOCAL)
     p = Path(name_or_path).expanduser()
-    return local is not None and p.is_file() and p.resolve() == Path(local).resolve()
+    if p.name != Path(ALPACA_LOCAL).name or not p.is_file():
+        return False    # any other file: no need to look at GQAPRUNE_DATA_DIR (which may not even be set right)
+    try:
+        local = local_data_file(ALPACA_LOCAL)
+    except GQAPruneError:
+        return False
+    return local is not None and p.resolve() == Path(local).resolve()
 
 
 def load_instruction_records(name_or_path: str, part: str = "train") -> list[dict]:
