@@ -74,3 +74,27 @@ def test_measured_reads_the_nearest_row_and_is_silent_without_a_file(tmp_path):
     f.write_text(json.dumps({"summary": [row, {**row, "ratio": 0.5, "x_dense_w128": 9.0}]}))
     assert "2.50x dense" in measured("balanced", 0.25, f) and "9.00x" in measured("balanced", 0.45, f)
     assert measured("best", 0.2, f) is None and measured("balanced", 0.2, tmp_path / "none.json") is None
+
+
+def test_held_out_alpaca_records_are_never_calibration_or_training(data_env, tmp_path):
+    """The validation text for choosing recipes (alpaca-heldout) shares no record with what calibration and
+    fine-tuning draw, for any seed."""
+    from gqaprune.data.calibration import calibration_texts
+    from gqaprune.data.corpora import load_text_corpus
+    from gqaprune.data.instructions import HELD_OUT_EVERY, load_instruction_records, record_text
+
+    train, held = load_instruction_records("alpaca"), load_instruction_records("alpaca", "held_out")
+    assert len(held) == (len(train) + len(held)) // HELD_OUT_EVERY
+    held_prompts = {record_text(r) for r in held}
+    assert not held_prompts & {record_text(r) for r in train}
+    for seed in (0, 1):
+        texts, _ = calibration_texts("alpaca", seed, 200_000)
+        assert texts and not set(texts) & held_prompts
+    corpus = load_text_corpus("alpaca-heldout")
+    assert corpus.dataset == "alpaca-heldout" and corpus.text == "\n\n".join(record_text(r) for r in held)
+    from helpers import write_records
+
+    other = write_records(tmp_path / "r.jsonl")
+    assert len(load_instruction_records(str(other))) == 48       # other sources: no held-out part
+    with pytest.raises(GQAPruneError, match="only Alpaca-cleaned"):
+        load_instruction_records(str(other), "held_out")
