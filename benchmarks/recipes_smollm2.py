@@ -128,6 +128,8 @@ def summary(data: dict) -> list[dict]:
     return [{"recipe": rc, "ratio": ratio, "seeds": len(v), "model": meta["model"],
              "x_dense_w128": statistics.mean(x[0] for x in v) / d128[0],
              "x_dense_w2048": statistics.mean(x[1] for x in v) / d2048[0],
+             "x_dense_w128_seeds": [round(x[0] / d128[0], 4) for x in v],
+             "x_dense_w2048_seeds": [round(x[1] / d2048[0], 4) for x in v],
              "prune_s": statistics.mean(x[2] for x in v),
              "protocol": f"whole WikiText-2 test ({d128[1]:,} tokens scored at window 128), mean of {len(v)} "
                          f"calibration seed{'s' if len(v) > 1 else ''}",
@@ -176,10 +178,11 @@ def render(data: dict, path: Path) -> None:
     s = summary(data)
     if s:
         L += ["", "Per recipe (mean over seeds; what `gqaprune prune` prints after a run with that recipe):", "",
-              "| recipe | ratio | seeds | × dense w128 (whole test) | × dense w2048 (whole test) | prune s |",
-              "|---|---:|---:|---:|---:|---:|"]
+              "| recipe | ratio | seeds | × dense w128 (whole test) | per seed | × dense w2048 (whole test) | per seed "
+              "| prune s |", "|---|---:|---:|---:|---|---:|---|---:|"]
         L += [f"| {x['recipe']} | {x['ratio']:.0%} | {x['seeds']} | {x['x_dense_w128']:.2f} | "
-              f"{x['x_dense_w2048']:.2f} | {x['prune_s']:.0f} |" for x in s]
+              f"{' / '.join(f'{y:.2f}' for y in x['x_dense_w128_seeds'])} | {x['x_dense_w2048']:.2f} | "
+              f"{' / '.join(f'{y:.2f}' for y in x['x_dense_w2048_seeds'])} | {x['prune_s']:.0f} |" for x in s]
     write_markdown(path, L, data.get("notes"))
 
 
