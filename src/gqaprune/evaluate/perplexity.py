@@ -92,12 +92,15 @@ def perplexity_of_ids(model, ids: torch.Tensor, *, seq_len: int = 128, stride: i
             if not group:
                 continue
             x = torch.stack([ids[b:e] for b, e, _ in group]).to(device)
-            logits = model(input_ids=x, use_cache=False).logits.float()
-            logp = torch.log_softmax(logits[:, :-1], dim=-1)
-            nll = -logp.gather(-1, x[:, 1:, None]).squeeze(-1)      # (B, L-1)
-            for row, (_, _, k) in zip(nll, group):
-                total_nll += row[-k:].double().sum().item()
+            logits = model(input_ids=x, use_cache=False).logits      # (B, L, vocab), the model's dtype
+            for row_logits, row_x, (_, _, k) in zip(logits, x, group):
+                # one row's k scored positions in float32 at a time, not a (B, L, vocab) float32 copy and its
+                # log-softmax (at window 2048 and a 128k vocabulary those are 8.6 GB each at batch 8);
+                # cross_entropy's log-softmax is the same kernel, so the per-token NLLs are the same numbers
+                nll = torch.nn.functional.cross_entropy(row_logits[-k - 1:-1].float(), row_x[-k:], reduction="none")
+                total_nll += nll.double().sum().item()
                 total_n += k
+            del logits
     model.train(was_training)
     return total_nll / total_n, total_n
 
