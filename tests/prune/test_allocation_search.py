@@ -161,3 +161,17 @@ def test_mixed_search_lowers_kl_and_reports_trades():
     assert "mixed moves" in summary_line(rep) and "KV groups traded" in summary_line(rep)
     with pytest.raises(GQAPruneError, match="search-moves"):
         search_allocation(m, lay, scores, plan, CALIB[:4], TARGET(lay), evaluations=1, samples=4, moves="any", progress=False)
+
+
+def test_screened_search_reports_the_true_kl_and_turns_moves_down_early():
+    """--search-screen-samples: a move is scored on the first samples first; the KL of every move that passes
+    is the full one (the sliced model's), and moves turned down on the screen never cost a full evaluation."""
+    m, lay, scores, plan = _setup(num_hidden_layers=4)
+    new, rep = search_allocation(m, lay, scores, plan, CALIB[:4], TARGET(lay), evaluations=40, samples=4,
+                                 batch_size=1, moves="same", screen=1, progress=False)
+    assert rep["screen_samples"] == 1 and 0 < rep["screened_out"] < 40 and rep["evaluations"] == 40
+    assert rep["kl_end"] < rep["kl_start"] and rep["tokens"] == 4 * 31
+    assert abs(_kl_of(m, apply_plan(copy.deepcopy(m), new), CALIB[:4]) - rep["kl_end"]) < 1e-5
+    assert new.provenance["params_after"] == plan.provenance["params_after"]
+    assert "turned down on the first 1 samples" in notes_for(new.__class__.from_dict(
+        {**json.loads(new.to_json()), "provenance": {**new.provenance, "allocation_search": [rep | {"step": 1}]}}))[-1]

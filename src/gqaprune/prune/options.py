@@ -100,9 +100,13 @@ class LayoutArgs(Args):
     search_samples: int | None = opt(None, "--allocation search (default: the recipe's): calibration samples the KL is measured on (the next as "
                               "many, when there are, check that the result generalises)")
 
+    search_screen_samples: int = opt(0, "--allocation search: score each move on this many of its samples first and "
+                                     "on the rest only if it helps there (0 = off; cheaper, may turn down good moves)")
+
     def __post_init__(self) -> None:
         super().__post_init__()
         _at_least(self, 1, "sensitivity_samples", "search_evaluations", "search_samples")
+        _at_least(self, 0, "search_screen_samples")
 
 
 @dataclass

@@ -92,7 +92,8 @@ def _plan_step(cur, lay, sc, target: Target, opts, ids, weights, prov, k: int, r
         plan, arep = search_allocation(cur, lay, sc, plan, ids, target, evaluations=opts.search_evaluations,
                                        samples=opts.search_samples, batch_size=opts.calib_batch_size,
                                        round_mlp_to=opts.round_mlp_to, seed=opts.seed + k - 1,
-                                       moves=opts.search_moves, progress=progress)
+                                       moves=opts.search_moves, screen=opts.search_screen_samples,
+                                       progress=progress)
         rep.allocation_search.append(arep | {"step": k})
     return plan
 

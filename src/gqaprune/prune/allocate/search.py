@@ -206,11 +206,14 @@ def _apply(state: _State, move) -> _State:
 @torch.no_grad()
 def search_allocation(model, layout: ModelLayout, scores: list[dict], plan: PrunePlan, ids: torch.Tensor,
                       target: Target, *, evaluations: int = 150, samples: int = 8, batch_size: int = 8,
-                      round_mlp_to: int | None = None, seed: int = 0, moves: str = "same",
+                      round_mlp_to: int | None = None, seed: int = 0, moves: str = "same", screen: int = 0,
                       progress: bool = True) -> tuple[PrunePlan, dict]:
     """Refine ``plan``'s per-layer counts (same parameters) to lower calibration KL; returns (plan, report).
 
-    Only the layers of ``target`` (the budget the plan was made for) change.
+    Only the layers of ``target`` (the budget the plan was made for) change. ``screen`` (0 = off): score
+    each move on the first ``screen`` search samples first, and on the rest only if it lowers the KL
+    there; a move that passes gets exactly the KL the unscreened search computes (both parts, weighted by
+    tokens), so the screen can only turn down moves early, at ``screen / samples`` of the cost.
     """
     if moves not in MOVES:
         raise GQAPruneError(f"--search-moves {moves}: choose one of {', '.join(MOVES)}")
@@ -236,11 +239,15 @@ def search_allocation(model, layout: ModelLayout, scores: list[dict], plan: Prun
     floor_mlp = max(target.min_mlp, 1)
     accepted, tried, fails = [], 0, 0
     try:
-        ev = _Evaluator(model, layout, search_ids, batch_size)
+        screen = min(screen, search_ids.shape[0] - 1)
+        first = _Evaluator(model, layout, search_ids[:screen], batch_size) if screen > 0 else None
+        ev = _Evaluator(model, layout, search_ids[screen:] if first else search_ids, batch_size)
         check = _Evaluator(model, layout, check_ids, batch_size) if check_ids.shape[0] else None
-        start_kl = ev.reset(state)
+        both = (lambda a, b: (a * first.tokens + b * ev.tokens) / (first.tokens + ev.tokens)) if first else None
+        first_kl = first.reset(state) if first else None
+        start_kl = ev.reset(state) if not first else both(first_kl, ev.reset(state))
         check_start = check.run(state)[0] if check else None
-        cur_kl = start_kl
+        cur_kl, screened_out = start_kl, 0
         bar = tqdm(total=evaluations, desc="allocation search", disable=not progress, leave=False)
         while tried < evaluations:
             move = _moves(state, pruned, delta, floor_mlp, rng, mixed=moves == "mixed", target=removed_target,
@@ -249,12 +256,21 @@ def search_allocation(model, layout: ModelLayout, scores: list[dict], plan: Prun
                 break
             cand = _apply(state, move)
             lo = min(move[1], move[2])
-            cand_kl, kept = ev.run(cand, lo, keep=True)
             tried += 1
             bar.update(1)
-            if cand_kl < cur_kl:
+            if first:
+                f_kl, f_kept = first.run(cand, lo, keep=True)
+                passed = f_kl < first_kl
+                screened_out += not passed
+            if not first or passed:
+                cand_kl, kept = ev.run(cand, lo, keep=True)
+                cand_kl = both(f_kl, cand_kl) if first else cand_kl
+            if (not first or passed) and cand_kl < cur_kl:
                 state, cur_kl = cand, cand_kl
                 ev.commit(lo, kept)
+                if first:
+                    first.commit(lo, f_kept)
+                    first_kl = f_kl
                 accepted.append({"eval": tried, "kind": move[0], "donor": move[1], "receiver": move[2],
                                  "units": move[3], "kl": cand_kl})
                 fails = 0
@@ -271,7 +287,8 @@ def search_allocation(model, layout: ModelLayout, scores: list[dict], plan: Prun
     kept_result = check is None or check_end <= check_start
     kv_traded = sum(m["kind"] == "kv>mlp" for m in accepted) - sum(m["kind"] == "mlp>kv" for m in accepted)
     rep = {"moves": moves, "kv_traded": kv_traded, "evaluations": tried, "accepted": accepted,
-           "samples": int(search_ids.shape[0]), "tokens": ev.tokens, "kl_start": start_kl, "kl_end": cur_kl, "check_samples": int(check_ids.shape[0]),
+           "screen_samples": screen, "screened_out": screened_out,
+           "samples": int(search_ids.shape[0]), "tokens": ev.tokens + (first.tokens if first else 0), "kl_start": start_kl, "kl_end": cur_kl, "check_samples": int(check_ids.shape[0]),
            "check_kl_start": check_start, "check_kl_end": check_end, "used": kept_result,
            "seconds": round(time.perf_counter() - t0, 2)}
     if not kept_result:
@@ -294,5 +311,7 @@ def summary_line(rep: dict) -> str:
     used = "" if rep.get("used", True) else " (rejected: " + rep.get("why_not", "") + ")"
     trade = f" (mixed moves: {rep['kv_traded']:+d} KV groups traded for MLP channels)" \
         if rep.get("moves") == "mixed" else ""
+    scr = f"; {rep['screened_out']} turned down on the first {rep['screen_samples']} samples" \
+        if rep.get("screen_samples") else ""
     return (f"allocation search: KL per token on {rep['tokens']:,} calibration tokens {rep['kl_start']:.4f} -> "
-            f"{rep['kl_end']:.4f}, {len(rep['accepted'])} of {rep['evaluations']} moves kept{trade}{chk}{used}")
+            f"{rep['kl_end']:.4f}, {len(rep['accepted'])} of {rep['evaluations']} moves kept{scr}{trade}{chk}{used}")
