@@ -20,7 +20,7 @@ ARGS=(--base-model smollm2-135m --ppl-max-tokens 16384 --device cpu --dtype fp32
 {
   echo "# \`gqaprune check\` on SmolLM2-135M prunes"
   echo
-  echo "- date: $(date -u +%FT%TZ); machine: $(nproc) cores; git $(git rev-parse --short HEAD); load at start: $(cut -d' ' -f1-3 /proc/loadavg)"
+  echo "- date: $(date -u +%FT%TZ); machine: $(nproc --all) cores; git $(git rev-parse --short HEAD); load at start: $(cut -d' ' -f1-3 /proc/loadavg)"
   echo "- command: \`bash benchmarks/check_smollm2.sh $*\`; each run: \`gqaprune check DIR ${ARGS[*]}\`"
   echo "- *broken*: a copy of the checkpoint with the final norm's gain multiplied by 40 (shapes intact)"
   for name in reasonable broken; do

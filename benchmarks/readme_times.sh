@@ -16,7 +16,7 @@ run() {  # name, then the gqaprune arguments
 {
   echo "# README first-screen times"
   echo
-  echo "- date: $(date -u +%FT%TZ); machine: $(nproc) cores, $(uname -m); git $(git rev-parse --short HEAD); load at start: $(cut -d' ' -f1-3 /proc/loadavg)"
+  echo "- date: $(date -u +%FT%TZ); machine: $(nproc --all) cores, $(uname -m); git $(git rev-parse --short HEAD); load at start: $(cut -d' ' -f1-3 /proc/loadavg)"
   echo
   echo "| run | command | wall s |"
   echo "|---|---|---:|"
