@@ -53,6 +53,8 @@ def parse_args(argv=None):
     p.add_argument("--out", default="benchmarks/results/recipes_smollm2")
     p.add_argument("--also-running", default="nothing else of ours",
                    help="what else shared the machine (stated in the table; prune times depend on it)")
+    p.add_argument("--keys", default=",".join(KEYS), help="which measurements to make (a subset of "
+                   f"{','.join(KEYS)}; the rest of a row stays empty)")
     p.add_argument("--render", action="store_true", help="only re-render the Markdown from the JSON")
     return p.parse_args(argv)
 
@@ -87,12 +89,13 @@ class Measurer:
         from gqaprune.evaluate.perplexity import perplexity_of_ids
         from gqaprune.models.io import load_model
 
+        keys = [k for k in KEYS if k in self.a.keys.split(",")]
         r = self.data.setdefault("ppl", {}).setdefault(name, {})
-        if all(k in r for k in KEYS):
+        if all(k in r for k in keys):
             return
         model, tok = load_model(ref, dtype="fp32", device="cpu")
         self.token_ids(tok)   # every checkpoint carries the source tokenizer: the same ids for every row
-        for key in KEYS:
+        for key in keys:
             if key in r:
                 continue
             ids, win = self.ids[key]
@@ -122,14 +125,15 @@ def summary(data: dict) -> list[dict]:
     groups: dict[tuple, list] = {}
     for name, row in rows.items():
         w128, w2048 = whole(ppl.get(name, {}), 128), whole(ppl.get(name, {}), 2048)
-        if w128 and w2048 and row.get("prune_s"):
-            groups.setdefault((row["recipe"], row["ratio"]), []).append((w128[0], w2048[0], row["prune_s"]))
+        if w128 and row.get("prune_s"):
+            groups.setdefault((row["recipe"], row["ratio"]), []).append((w128[0], w2048 and w2048[0], row["prune_s"]))
     m = meta["machine"]
+    long = {k: [x[1] for x in v if x[1]] for k, v in groups.items()}   # rows measured at window 2048 too
     return [{"recipe": rc, "ratio": ratio, "seeds": len(v), "model": meta["model"],
              "x_dense_w128": statistics.mean(x[0] for x in v) / d128[0],
-             "x_dense_w2048": statistics.mean(x[1] for x in v) / d2048[0],
+             "x_dense_w2048": statistics.mean(long[rc, ratio]) / d2048[0] if long[rc, ratio] else None,
              "x_dense_w128_seeds": [round(x[0] / d128[0], 4) for x in v],
-             "x_dense_w2048_seeds": [round(x[1] / d2048[0], 4) for x in v],
+             "x_dense_w2048_seeds": [round(x / d2048[0], 4) for x in long[rc, ratio]],
              "prune_s": statistics.mean(x[2] for x in v),
              "protocol": f"whole WikiText-2 test ({d128[1]:,} tokens scored at window 128), mean of {len(v)} "
                          f"calibration seed{'s' if len(v) > 1 else ''}",
@@ -141,6 +145,8 @@ def render(data: dict, path: Path) -> None:
     tk = data.get("tokens", {})
     L = ["# SmolLM2-135M: the --recipe presets, chosen on validation text, reported on the whole WikiText-2 test",
          "", f"- date: {meta['date']}; command: `{meta['command']}` (git {meta['machine'].get('git')})",
+         *[f"- rows before it from an earlier invocation: {e['date']}, `{e['command']}` (git {e['git']}; also running: "
+           f"{e['also_running']})" for e in data.get("earlier_runs", [])],
          f"- machine: {meta['machine']['cpu']}, {meta['machine']['cores_visible']} cores, torch "
          f"{meta['machine']['torch']}, transformers {meta['machine']['transformers']}, fp32 on CPU; one prune or "
          f"evaluation at a time; also running: {meta.get('also_running')}",
@@ -181,7 +187,8 @@ def render(data: dict, path: Path) -> None:
               "| recipe | ratio | seeds | × dense w128 (whole test) | per seed | × dense w2048 (whole test) | per seed "
               "| prune s |", "|---|---:|---:|---:|---|---:|---|---:|"]
         L += [f"| {x['recipe']} | {x['ratio']:.0%} | {x['seeds']} | {x['x_dense_w128']:.2f} | "
-              f"{' / '.join(f'{y:.2f}' for y in x['x_dense_w128_seeds'])} | {x['x_dense_w2048']:.2f} | "
+              f"{' / '.join(f'{y:.2f}' for y in x['x_dense_w128_seeds'])} | "
+              f"{'' if x['x_dense_w2048'] is None else format(x['x_dense_w2048'], '.2f')} | "
               f"{' / '.join(f'{y:.2f}' for y in x['x_dense_w2048_seeds'])} | {x['prune_s']:.0f} |" for x in s]
     write_markdown(path, L, data.get("notes"))
 
@@ -195,6 +202,9 @@ def main(argv=None) -> int:
         data["summary"] = summary(data)
         render(data, out.with_suffix(".md"))
         return 0
+    if "meta" in data:   # resuming: keep what the earlier invocations were
+        data.setdefault("earlier_runs", []).append({k: data["meta"][k] for k in ("date", "command", "also_running")}
+                                                   | {"git": data["meta"]["machine"].get("git")})
     data["meta"] = run_meta(model=a.model, also_running=a.also_running)
     rows = data.setdefault("rows", {})
 

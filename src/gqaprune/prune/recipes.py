@@ -84,6 +84,7 @@ def measured(name: str | None, ratio: float | None, path: Path | None = None) ->
     if not mine or ratio is None:
         return None
     r = min(mine, key=lambda x: abs(x["ratio"] - ratio))
+    long = f" and {r['x_dense_w2048']:.2f}x (window 2048)" if r.get("x_dense_w2048") else ""
     return (f"recipe {name} measured on {r['model']} at -{r['ratio']:.0%}: {r['x_dense_w128']:.2f}x dense PPL "
-            f"(window 128) and {r['x_dense_w2048']:.2f}x (window 2048), {r['protocol']}; "
+            f"(window 128){long}, {r['protocol']}; "
             f"prune {r['prune_s']:.0f} s on {r['machine']} (benchmarks/results/recipes_smollm2.md)")
