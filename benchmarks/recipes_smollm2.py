@@ -198,8 +198,9 @@ def main(argv=None) -> int:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     out = Path(a.out).with_suffix(".json")
     data = json.loads(out.read_text()) if out.is_file() else {}
-    if a.render:
+    if a.render:   # the summary (which gqaprune prune reads) and the Markdown, from the rows as they are
         data["summary"] = summary(data)
+        out.write_text(json.dumps(data, indent=1))
         render(data, out.with_suffix(".md"))
         return 0
     if "meta" in data:   # resuming: keep what the earlier invocations were
