@@ -101,3 +101,15 @@ def run_measured(cmd: list[str], env: dict) -> dict:
     tail = ((proc.stdout or "") + (proc.stderr or ""))[-1500:]
     return {"cmd": cmd, "rc": proc.returncode, "peak_rss_mb": peak, "wall_s": round(time.perf_counter() - t0, 1),
             "method": how, "output_tail": tail}
+
+
+def prune_once(name: str, cmd: list[str], folder: Path, env: dict) -> float | None:
+    """Run the ``gqaprune prune`` command ``cmd`` unless ``folder`` already holds its checkpoint; its wall
+    seconds, or None when an earlier invocation wrote the folder (its time was not kept)."""
+    if (folder / "config.json").is_file():
+        return None
+    log(f"{name}: {' '.join(cmd[2:])}")
+    res = run_measured(cmd, env)
+    if res["rc"] != 0:
+        raise SystemExit(f"{name}: gqaprune prune failed (exit {res['rc']}):\n{res['output_tail']}")
+    return res["wall_s"]

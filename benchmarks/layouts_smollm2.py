@@ -35,7 +35,7 @@ import sys
 import time
 from pathlib import Path
 
-from _common import log, run_measured, run_meta, write_markdown  # noqa: E402  (benchmarks/ is on sys.path)
+from _common import log, prune_once, run_meta, write_markdown  # noqa: E402  (benchmarks/ is on sys.path)
 
 RECIPE = ["--criterion", "obs", "--split", "search", "--compensate", "--num-samples", "128",
           "--sensitivity-samples", "4"]
@@ -90,14 +90,7 @@ def prune_all(a, data: dict, save, measure_row) -> None:
             continue
         cmd = [sys.executable, "-m", "gqaprune", "prune", "--model", a.model, *args, *RECIPE,
                "--output", str(folder), "--device", "cpu", "--dtype", "fp32"]
-        if not (folder / "config.json").is_file():
-            log(f"{name}: {' '.join(cmd[2:])}")
-            res = run_measured(cmd, env)
-            if res["rc"] != 0:
-                raise SystemExit(f"{name}: gqaprune prune failed (exit {res['rc']}):\n{res['output_tail']}")
-            wall = res["wall_s"]
-        else:
-            wall = None                       # written by an earlier invocation that stopped before saving the row
+        wall = prune_once(name, cmd, folder, env)   # None: written by an earlier invocation that stopped early
         plan = PrunePlan.from_dict(json.loads((folder / "prune_plan.json").read_text()))
         prov = plan.provenance
         rows[name] = {"command": "gqaprune " + " ".join(cmd[3:]), "folder": str(folder), "prune_s": wall,

@@ -37,7 +37,7 @@ import sys
 import time
 from pathlib import Path
 
-from _common import log, run_measured, run_meta, write_markdown  # noqa: E402  (benchmarks/ is on sys.path)
+from _common import log, prune_once, run_meta, write_markdown  # noqa: E402  (benchmarks/ is on sys.path)
 
 DEFAULT_ROWS = ("dense,balanced:0.2:0,fast:0.2:0,balanced:0.2:1,balanced:0.5:0,balanced:0.5:1,fast:0.2:1,"
                 "fast:0.5:0,best:0.2:0")
@@ -230,13 +230,7 @@ def main(argv=None) -> int:
         cmd = [sys.executable, "-m", "gqaprune", "prune", "--model", a.model, "--recipe", recipe, "--pruning-ratio",
                str(ratio), "--seed", str(seed), "--device", "cpu", "--dtype", "fp32", "--output", str(folder)]
         if name not in rows:
-            wall = None
-            if not (folder / "config.json").is_file():
-                log(f"{name}: {' '.join(cmd[2:])}")
-                res = run_measured(cmd, env)
-                if res["rc"] != 0:
-                    raise SystemExit(f"{name}: gqaprune prune failed (exit {res['rc']}):\n{res['output_tail']}")
-                wall = res["wall_s"]
+            wall = prune_once(name, cmd, folder, env)
             prov = json.loads((folder / "prune_plan.json").read_text())["provenance"]
             rows[name] = {"recipe": recipe, "ratio": ratio, "seed": seed, "folder": str(folder), "prune_s": wall,
                           "command": "gqaprune " + " ".join(cmd[3:]), "reduction": prov["reduction"],
