@@ -36,7 +36,6 @@ RECIPES: dict[str, dict] = {
     "best": {**BASE, **_BALANCED, "allocation": "search", "search_samples": 16},
 }
 DEFAULT = "balanced"
-PER_LAYER_ONLY = {"allocation": "scores"}   # what a per-layer recipe's allocation becomes on --layout uniform
 RESULTS = Path(__file__).resolve().parents[3] / "benchmarks" / "results" / "recipes_smollm2.json"
 
 
@@ -64,7 +63,7 @@ def resolve(opts, name: str | None) -> dict:
     if name and opts.layout not in PER_LAYER and "allocation" not in given and opts.allocation != "scores":
         adjusted.append(f"--allocation {opts.allocation} of recipe {name} needs a per-layer layout; with --layout "
                         f"{opts.layout} (given) it is --allocation scores")
-        opts.allocation = PER_LAYER_ONLY["allocation"]
+        opts.allocation = "scores"
     for k, (was, now) in overridden.items():
         log.warning("recipe %s: --%s %s (given) overrides the recipe's %s", name, k.replace("_", "-"), now, was)
     for note in adjusted:
