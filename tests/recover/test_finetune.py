@@ -417,3 +417,35 @@ def test_tokens_per_second_counts_the_training_loop_only(tmp_path, per_layer_dir
     # train_seconds is rounded to the millisecond: on a sub-second loop that alone moves the ratio by ~0.1%
     assert res.tokens_per_second == pytest.approx(res.train_tokens / res.train_seconds,
                                                   rel=1e-3 + 0.0005 / res.train_seconds)
+
+
+def test_full_finetune_trains_every_weight_and_saves_a_loadable_checkpoint(tmp_path, per_layer_dir, records_path):
+    """--full_finetune on the per-layer model: no adapter, every weight may change, the model is saved in
+    output_dir/model in the input's own format (per-layer, with the prune plan) and loads back to the same logits."""
+    from gqaprune.models.io import load_model
+    from gqaprune.outputs import foreign_entries
+
+    o = _opts(tmp_path, per_layer_dir, records_path, full_finetune=True, max_steps=3, learning_rate=1e-3)
+    res = finetune(o)
+    out = Path(o.output_dir)
+    assert res.status == "completed" and res.method == "full" and res.adapter_dir == ""
+    assert res.checkpoint_dir == str(out / "model")
+    assert not (out / "adapter_model.safetensors").exists()
+    assert (out / "model" / "config.json").is_file() and (out / "model" / "model.safetensors").is_file()
+    before = load_file(Path(per_layer_dir) / "model.safetensors")
+    after = load_file(out / "model" / "model.safetensors")
+    assert set(before) == set(after) and all(before[k].shape == after[k].shape for k in before)
+    changed = [k for k in before if not torch.equal(before[k], after[k])]
+    # every projection type and the norms trained, not only a LoRA's targets
+    for part in ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj", "norm"):
+        assert any(part in k for k in changed), part
+    model, _ = load_model(str(out / "model"))
+    ids = torch.tensor([[1, 5, 9, 13, 2, 7]])
+    with torch.no_grad():
+        logits = model(ids).logits
+    assert torch.isfinite(logits).all()
+    ref, _ = load_model(str(per_layer_dir))
+    with torch.no_grad():
+        assert not torch.allclose(ref(ids).logits, logits)          # the saved weights are the trained ones
+    assert foreign_entries(out) == []                                # the run folder claims model/
+    assert any(s.startswith("Full fine-tuning completed") for s in res.lines())

@@ -35,6 +35,7 @@ import os
 import threading
 import time
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -48,7 +49,7 @@ from gqaprune.models.adapters import ADAPTER_INFO, base_fingerprint
 from gqaprune.models.io import load_model, resolve_device, resolve_model_ref
 from gqaprune.outputs import RunFolder, atomic_write
 from gqaprune.recover.distill import load_teacher
-from gqaprune.recover.lora import check_target_modules, family_targets, wrap_lora
+from gqaprune.recover.lora import check_target_modules, family_targets, full_parameters, wrap_lora
 from gqaprune.recover.metrics import METRICS, MetricsSink, PPLTracker, best_eval_from_metrics, ppl_at_step0
 from gqaprune.recover.options import FinetuneOptions, check_extra_val
 from gqaprune.recover.run_dir import (PLOT, SUMMARY, RunPlan, last_checkpoint, open_run_dir, plan_run_dir,
@@ -62,6 +63,7 @@ log = logging.getLogger(__name__)
 
 # What PEFT's and the tokenizer's save_pretrained write at the top of output_dir (claimed before they exist).
 _ADAPTER_FILES = (ADAPTER_INFO, "adapter_config.json", "adapter_model.safetensors", "README.md")
+FULL_MODEL_DIR = "model"   # --full_finetune: the trained model's checkpoint, inside output_dir
 _TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja")
 
 
@@ -97,11 +99,13 @@ class FinetuneResult:
     padding_fraction: float = 0.0    # pad positions / all positions fed forward (0 when packed)
     fused_kernels: str = "none"      # what fused kernels were applied, or why none
     distill: dict | None = None      # teacher, alpha, temperature, final KL / LM-loss terms
+    method: str = "lora"             # lora | full (--full_finetune: every weight trained)
+    checkpoint_dir: str = ""         # --full_finetune: the trained model's checkpoint folder (output_dir/model)
 
     def lines(self) -> list[str]:
         """A one-screen summary for the CLI."""
         out = [
-            f"LoRA fine-tuning {self.status}: {self.global_step} optimizer steps ({self.epoch:.2f} epochs), "
+            f"{'Full' if self.method == 'full' else 'LoRA'} fine-tuning {self.status}: {self.global_step} optimizer steps ({self.epoch:.2f} epochs), "
             f"{self.world_size} process(es), grad accumulation {self.grad_accum}, {self.precision}, gradient "
             f"checkpointing {'on' if self.gradient_checkpointing else 'off'}",
             f"  data: {self.train_examples:,} train / {self.val_examples:,} val examples; tokenised cache: "
@@ -128,7 +132,8 @@ class FinetuneResult:
                     f"{proto['n_tokens']:,} tokens")
             out.append(f"  PPL {name}: before {b['ppl']:.3f}" if b else f"  PPL {name}: before n/a")
             out[-1] += (f" -> after {a['ppl']:.3f}" if a else " -> after n/a") + f" ({desc})"
-        out.append(f"  adapter: {self.adapter_dir}")
+        out.append(f"  model checkpoint: {self.checkpoint_dir}" if self.method == "full" else
+                   f"  adapter: {self.adapter_dir}")
         out.append(f"  metrics: {self.metrics_path}" + (f"; plot: {self.plot_path}" if self.plot_path else ""))
         if self.message:
             out.append(f"  {self.message}")
@@ -248,8 +253,9 @@ def load_student(opts: FinetuneOptions, setup: Setup) -> Student:
         tokenizer.pad_token = tokenizer.eos_token
     tokenizer.padding_side = "right"
     model.config.use_cache = False
-    opts.lora_target_modules = family_targets(model, opts.lora_target_modules)
-    check_target_modules(model, opts.lora_target_modules)
+    if not opts.full_finetune:
+        opts.lora_target_modules = family_targets(model, opts.lora_target_modules)
+        check_target_modules(model, opts.lora_target_modules)
     use_fused, fused = fused_kernel_plan(opts.fused_kernels, setup.device)
     teacher = None
     if opts.distill_from:
@@ -280,8 +286,12 @@ def build_trainer(opts: FinetuneOptions, plan: RunPlan, setup: Setup, student: S
     with setup.args.main_process_first(local=False, desc="prepare output dir"):
         if setup.is_main:
             folder = open_run_dir(opts, plan, setup.world_size)
-    fingerprint = base_fingerprint(student.model, None if opts.all_linear else opts.lora_target_modules)
-    model = wrap_lora(student.model, opts)
+    if opts.full_finetune:
+        fingerprint = {}
+        model = full_parameters(student.model, opts)
+    else:
+        fingerprint = base_fingerprint(student.model, None if opts.all_linear else opts.lora_target_modules)
+        model = wrap_lora(student.model, opts)
     out = plan.out
     sink = MetricsSink(out, opts, enabled=setup.is_main)
     sample_log = out / f"samples_rank{setup.args.process_index}.txt" if opts.log_sample_ids else None
@@ -384,6 +394,7 @@ def _result(opts: FinetuneOptions, plan: RunPlan, setup: Setup, student: Student
         or "padded",
         padding_fraction=round(1 - trainer.tokens_seen / trainer.positions_seen, 4) if trainer.positions_seen else 0.0,
         fused_kernels=student.fused,
+        method="full" if opts.full_finetune else "lora",
         distill=None if student.teacher is None else {
             "teacher": opts.distill_from, "alpha": opts.distill_alpha, "temperature": opts.distill_temperature,
             "last_kl": last.get("kl"), "last_ce": last.get("ce")},
@@ -398,13 +409,33 @@ def _save_claimed(folder: RunFolder, expected: tuple[str, ...], save) -> None:
     folder.add(*({p.name for p in folder.path.iterdir()} - before))
 
 
+def save_full_model(opts: FinetuneOptions, trainer, tokenizer, folder: RunFolder, result: FinetuneResult):
+    """--full_finetune: the trained model as a checkpoint in output_dir/model, saved like the pruned input
+    (a per-layer model stays per-layer, with its code) and with the input's prune plan."""
+    from gqaprune.models.io import save_checkpoint
+
+    src = Path(opts.prune_model).expanduser()
+    plan = json.loads((src / "prune_plan.json").read_text()) if (src / "prune_plan.json").is_file() else None
+    model = trainer.accelerator.unwrap_model(trainer.model)
+    model.config.use_cache = True        # training switched the KV cache off; generation wants it back
+    folder.add(FULL_MODEL_DIR)
+    info = {"finetuned_from": str(src.resolve()) if src.exists() else opts.prune_model,
+            "global_step": result.global_step, "train_tokens": result.train_tokens}
+    # overwrite: only an earlier run of this folder (which gqaprune wrote) can have left output_dir/model
+    return save_checkpoint(model, tokenizer, folder.path / FULL_MODEL_DIR, plan=plan,
+                           overwrite=True, kind="finetune", flag="--output_dir", info=info)
+
+
 def write_outputs(opts: FinetuneOptions, plan: RunPlan, setup: Setup, student: Student, data: Datasets, run: Run,
                   outcome: Outcome) -> FinetuneResult:
     """Rank 0: the adapter (unless diverged), tokenizer, summary and plot. Raises TrainingDivergedError."""
     result = _result(opts, plan, setup, student, data, run, outcome)
     out, trainer, folder = plan.out, run.trainer, run.folder
     if setup.is_main:
-        if outcome.diverged is None:
+        if outcome.diverged is None and opts.full_finetune:
+            result.adapter_dir = ""
+            result.checkpoint_dir = str(save_full_model(opts, trainer, student.tokenizer, folder, result))
+        elif outcome.diverged is None:
             model = trainer.accelerator.unwrap_model(trainer.model)
             info = {"base_model": model.peft_config["default"].base_model_name_or_path,
                     "base_fingerprint": run.fingerprint, "lora_target_modules": list(opts.lora_target_modules),

@@ -1,4 +1,4 @@
-"""Wrap the student in a PEFT LoRA adapter.
+"""Wrap the student in a PEFT LoRA adapter (or, with --full_finetune, train all of it).
 
 LoRA on per-layer pruned models needs no patching: PEFT wraps each ``nn.Linear`` on its own,
 and the per-layer model derives head counts from projection widths.
@@ -68,4 +68,16 @@ def wrap_lora(model, opts):
     return model
 
 
-__all__ = ["check_target_modules", "linear_module_names", "wrap_lora"]
+def full_parameters(model, opts):
+    """--full_finetune: the model itself, every parameter trainable (seeded like ``wrap_lora`` for the data order)."""
+    import transformers
+
+    transformers.set_seed(opts.seed)
+    for q in model.parameters():
+        q.requires_grad_(True)
+    n_all = sum(q.numel() for q in model.parameters())
+    log.info("full fine-tuning: all %s parameters trainable (the --lora_* options are unused)", f"{n_all:,}")
+    return model
+
+
+__all__ = ["check_target_modules", "full_parameters", "linear_module_names", "wrap_lora"]

@@ -100,6 +100,9 @@ class LoraArgs(LoraRankArgs):
     lora_dropout: float = opt(0.05, "dropout on the LoRA input")
     lora_target_modules: list[str] = opt(help="comma-separated Linear module names to adapt (or all-linear)",
                                          factory=lambda: list(DEFAULT_TARGET_MODULES))
+    full_finetune: bool = opt(False, "train every weight instead of a LoRA adapter (the --lora_* flags are then "
+                                     "unused); the trained model is saved as a checkpoint in output_dir/model, "
+                                     "so no merge is needed")
 
     def __post_init__(self) -> None:
         super().__post_init__()

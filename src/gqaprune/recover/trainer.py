@@ -140,6 +140,9 @@ class LoRATrainer(SequentialEvalSampler, TimedCheckpointSave, Trainer):
             return self.teacher(**t_in, use_cache=False).logits
 
     def log(self, logs, *args, **kwargs):
+        # x axis of PPL-against-training-tokens curves: real tokens this process has trained on in this
+        # invocation (a resumed run counts from its resume point)
+        logs.setdefault("train_tokens_seen", self.tokens_seen)
         if "loss" in logs and self._distill_sums is not None and self._distill_sums[2] > 0:
             kl_total, ce_total, n = self._distill_sums
             logs["distill_kl"] = kl_total / n    # KL(teacher || student) at temperature T, per token
@@ -289,10 +292,16 @@ class GracefulStop(TrainerCallback):
 
 # ------------------------------------------------------------------------------ plans and arguments
 def precision(opts, device: torch.device) -> tuple[torch.dtype, str, bool, bool]:
-    """(load dtype, description, Trainer bf16, Trainer fp16)."""
+    """(load dtype, description, Trainer bf16, Trainer fp16).
+
+    LoRA keeps the frozen base in the half type; ``--full_finetune`` trains every weight, so the weights
+    stay fp32 (the optimizer's master copy) and only the autocast is half precision."""
+    full = bool(getattr(opts, "full_finetune", False))
     if opts.fp16:
         if device.type != "cuda":
             raise GQAPruneError("--fp16: fp16 mixed precision needs a CUDA GPU; leave it out (fp32) on this device")
+        if full:
+            return torch.float32, "fp32 weights + fp16 autocast (asked for with --fp16)", False, True
         return torch.float16, "fp16 base weights + fp16 autocast (asked for with --fp16)", False, True
     bf16 = opts.bf16
     if bf16 is None:
@@ -300,6 +309,8 @@ def precision(opts, device: torch.device) -> tuple[torch.dtype, str, bool, bool]
     if bf16:
         if device.type == "cuda" and not torch.cuda.is_bf16_supported():
             raise GQAPruneError("--bf16: this GPU does not support bf16; leave it out to train in fp32")
+        if full:
+            return torch.float32, "fp32 weights + bf16 autocast", True, False
         return torch.bfloat16, "bf16 base weights + bf16 autocast, fp32 LoRA weights", True, False
     return torch.float32, "fp32", False, False
 
