@@ -4,6 +4,7 @@ measured subprocess run."""
 
 from __future__ import annotations
 
+import math
 import os
 import platform
 import re
@@ -113,3 +114,63 @@ def prune_once(name: str, cmd: list[str], folder: Path, env: dict) -> float | No
     if res["rc"] != 0:
         raise SystemExit(f"{name}: gqaprune prune failed (exit {res['rc']}):\n{res['output_tail']}")
     return res["wall_s"]
+
+
+KEYS = ("val", "A128", "B128", "A2048", "B2048")   # in measuring order: the cheap validation first
+
+
+class Measurer:
+    """The honest protocol's perplexities (docs/architecture.md, "Measuring quality"), resumable.
+
+    ``val``: the first ``val_tokens`` tokens of ``alpaca-heldout`` (for choosing), window 128;
+    ``A128``/``B128``/``A2048``/``B2048``: the whole WikiText-2 test split as two halves, split at a
+    multiple of 2048 tokens, so each window lies in one half and ``whole()`` of the two is exactly the
+    one-pass PPL of the split. Loads each model once and measures the missing ``keys`` of its row in
+    ``data["ppl"][name]``, calling ``save()`` after each.
+    """
+
+    def __init__(self, val_tokens: int, keys, data: dict, save):
+        self.val_tokens, self.keys, self.data, self.save, self.ids = val_tokens, list(keys), data, save, {}
+
+    def token_ids(self, tok) -> None:
+        from gqaprune.data.corpora import load_text_corpus
+        from gqaprune.evaluate.perplexity import tokenize_corpus
+
+        if self.ids:
+            return
+        test = tokenize_corpus(tok, load_text_corpus("wikitext2", "test").text)
+        half = (len(test) // 2) // 2048 * 2048        # a multiple of both windows: no window straddles A and B
+        val = tokenize_corpus(tok, load_text_corpus("alpaca-heldout").text)[: self.val_tokens]
+        self.ids = {"val": (val, 128), "A128": (test[:half], 128), "B128": (test[half:], 128),
+                    "A2048": (test[:half], 2048), "B2048": (test[half:], 2048)}
+        self.data["tokens"] = {"test": len(test), "half": half, "val": len(val)}
+
+    def __call__(self, name: str, ref: str) -> None:
+        from gqaprune.evaluate.perplexity import perplexity_of_ids
+        from gqaprune.models.io import load_model
+
+        keys = [k for k in KEYS if k in self.keys]
+        r = self.data.setdefault("ppl", {}).setdefault(name, {})
+        if all(k in r for k in keys):
+            return
+        model, tok = load_model(ref, dtype="fp32", device="cpu")
+        self.token_ids(tok)   # every checkpoint carries the source tokenizer: the same ids for every row
+        for key in keys:
+            if key in r:
+                continue
+            ids, win = self.ids[key]
+            t = time.perf_counter()
+            nll, n = perplexity_of_ids(model, ids, seq_len=win, progress=False)
+            r[key] = {"nll": nll, "ppl": math.exp(nll), "n_tokens": n, "seconds": round(time.perf_counter() - t, 1)}
+            log(f"{name}: {key} PPL {r[key]['ppl']:.2f} on {n} tokens in {r[key]['seconds']} s")
+            self.save()
+        del model
+
+
+def whole(r: dict, win: int) -> tuple[float, int] | None:
+    """(PPL of the whole test split, tokens scored) from the halves: exp of the token-weighted mean NLL."""
+    a, b = r.get(f"A{win}"), r.get(f"B{win}")
+    if not a or not b:
+        return None
+    n = a["n_tokens"] + b["n_tokens"]
+    return math.exp((a["nll"] * a["n_tokens"] + b["nll"] * b["n_tokens"]) / n), n

@@ -30,18 +30,15 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 import statistics
 import sys
-import time
 from pathlib import Path
 
-from _common import log, prune_once, run_meta, write_markdown  # noqa: E402  (benchmarks/ is on sys.path)
+from _common import KEYS, Measurer, prune_once, run_meta, whole, write_markdown  # noqa: E402  (benchmarks/ is on sys.path)
 
 DEFAULT_ROWS = ("dense,balanced:0.2:0,fast:0.2:0,balanced:0.2:1,balanced:0.5:0,balanced:0.5:1,fast:0.2:1,"
                 "fast:0.5:0,best:0.2:0")
-KEYS = ("val", "A128", "B128", "A2048", "B2048")   # in measuring order: the cheap validation first
 
 
 def parse_args(argv=None):
@@ -64,56 +61,6 @@ def parse_row(spec: str) -> tuple[str, float, int] | None:
         return None
     recipe, ratio, seed = spec.split(":")
     return recipe, float(ratio), int(seed)
-
-
-class Measurer:
-    """Loads each model once and measures the missing keys of its row, saving after each."""
-
-    def __init__(self, a, data: dict, save):
-        self.a, self.data, self.save, self.ids = a, data, save, {}
-
-    def token_ids(self, tok) -> None:
-        from gqaprune.data.corpora import load_text_corpus
-        from gqaprune.evaluate.perplexity import tokenize_corpus
-
-        if self.ids:
-            return
-        test = tokenize_corpus(tok, load_text_corpus("wikitext2", "test").text)
-        half = (len(test) // 2) // 2048 * 2048        # a multiple of both windows: no window straddles A and B
-        val = tokenize_corpus(tok, load_text_corpus("alpaca-heldout").text)[: self.a.val_tokens]
-        self.ids = {"val": (val, 128), "A128": (test[:half], 128), "B128": (test[half:], 128),
-                    "A2048": (test[:half], 2048), "B2048": (test[half:], 2048)}
-        self.data["tokens"] = {"test": len(test), "half": half, "val": len(val)}
-
-    def __call__(self, name: str, ref: str) -> None:
-        from gqaprune.evaluate.perplexity import perplexity_of_ids
-        from gqaprune.models.io import load_model
-
-        keys = [k for k in KEYS if k in self.a.keys.split(",")]
-        r = self.data.setdefault("ppl", {}).setdefault(name, {})
-        if all(k in r for k in keys):
-            return
-        model, tok = load_model(ref, dtype="fp32", device="cpu")
-        self.token_ids(tok)   # every checkpoint carries the source tokenizer: the same ids for every row
-        for key in keys:
-            if key in r:
-                continue
-            ids, win = self.ids[key]
-            t = time.perf_counter()
-            nll, n = perplexity_of_ids(model, ids, seq_len=win, progress=False)
-            r[key] = {"nll": nll, "ppl": math.exp(nll), "n_tokens": n, "seconds": round(time.perf_counter() - t, 1)}
-            log(f"{name}: {key} PPL {r[key]['ppl']:.2f} on {n} tokens in {r[key]['seconds']} s")
-            self.save()
-        del model
-
-
-def whole(r: dict, win: int) -> tuple[float, int] | None:
-    """(PPL of the whole test split, tokens scored) from the halves: exp of the token-weighted mean NLL."""
-    a, b = r.get(f"A{win}"), r.get(f"B{win}")
-    if not a or not b:
-        return None
-    n = a["n_tokens"] + b["n_tokens"]
-    return math.exp((a["nll"] * a["n_tokens"] + b["nll"] * b["n_tokens"]) / n), n
 
 
 def summary(data: dict) -> list[dict]:
@@ -217,7 +164,7 @@ def main(argv=None) -> int:
         tmp.replace(out)
         render(data, out.with_suffix(".md"))
 
-    measure = Measurer(a, data, save)
+    measure = Measurer(a.val_tokens, a.keys.split(","), data, save)
     env = dict(os.environ, TOKENIZERS_PARALLELISM="false")
     for spec in a.rows.split(","):
         row = parse_row(spec)
