@@ -449,3 +449,28 @@ def test_full_finetune_trains_every_weight_and_saves_a_loadable_checkpoint(tmp_p
         assert not torch.allclose(ref(ids).logits, logits)          # the saved weights are the trained ones
     assert foreign_entries(out) == []                                # the run folder claims model/
     assert any(s.startswith("Full fine-tuning completed") for s in res.lines())
+
+
+def test_full_finetune_resumes_from_its_checkpoint(tmp_path, per_layer_dir, records_path):
+    """A killed --full_finetune run (per-layer model) resumes from checkpoint-2 and ends with the same weights
+    as the uninterrupted run."""
+    from transformers import TrainerCallback
+
+    common = dict(batch_size=2, micro_batch_size=2, max_steps=4, save_steps=2, eval_steps=0, val_set_size=0,
+                  full_finetune=True)
+    finetune(_opts(tmp_path, per_layer_dir, records_path, output_dir=str(tmp_path / "ref"), **common))
+
+    class Kill(TrainerCallback):
+        def on_step_end(self, args, state, control, **kw):
+            if state.global_step == 3:
+                raise KeyboardInterrupt("simulated kill at step 3")
+
+    run = tmp_path / "run"
+    with pytest.raises(KeyboardInterrupt):
+        finetune(_opts(tmp_path, per_layer_dir, records_path, output_dir=str(run), **common), callbacks=[Kill()])
+    assert (run / "checkpoint-2").is_dir() and not (run / "model").exists()
+    res = finetune(_opts(tmp_path, per_layer_dir, records_path, output_dir=str(run), resume_from_checkpoint="last",
+                         **common))
+    assert res.global_step == 4 and res.resumed_from.endswith("checkpoint-2")
+    a, b = load_file(run / "model" / "model.safetensors"), load_file(tmp_path / "ref" / "model" / "model.safetensors")
+    assert set(a) == set(b) and all(torch.allclose(a[k], b[k], atol=1e-5) for k in a)
