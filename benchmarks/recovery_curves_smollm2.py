@@ -353,7 +353,8 @@ def main(argv=None) -> int:
         finals[m] = (student, runs[m])
     final_keys = [k for k in a.final.split(",") if k]
     whole_test = Measurer(a.curve_tokens, final_keys, data, save)
-    for m, (student, run) in finals.items():
+    # the most promising on validation first: when time runs out, what is left unmeasured is the worst
+    for m, (student, run) in sorted(finals.items(), key=lambda kv: kv[1][1]["curve"][-1].get("val", math.inf)):
         whole_test(m, final_model(m, student, run))
     reuse(a, data)   # again: the recipes benchmark may have measured the student meanwhile
     for name, ref in (("dense", a.teacher), ("student", a.student)):
