@@ -182,6 +182,18 @@ def finetune_options(tmp_path: Path, base, data, **kw):
     return FinetuneOptions(**d)
 
 
+def kill_at_step(step: int):
+    """A Trainer callback that raises KeyboardInterrupt when optimizer step ``step`` ends (a simulated kill)."""
+    from transformers import TrainerCallback
+
+    class Kill(TrainerCallback):
+        def on_step_end(self, args, state, control, **kw):
+            if state.global_step == step:
+                raise KeyboardInterrupt(f"simulated kill at step {step}")
+
+    return Kill()
+
+
 def prune_args(src, out, calib, *extra):
     """``gqaprune prune`` arguments for a tiny model with a small local calibration file; recipe ``fast`` (the
     seed guide's Taylor + uniform, seconds) unless ``extra`` names a recipe or replays a plan."""

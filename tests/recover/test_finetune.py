@@ -11,8 +11,9 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file
+from transformers import TrainerCallback
 
-from helpers import finetune_options, make_tokenizer
+from helpers import finetune_options, kill_at_step, make_tokenizer
 from helpers import read_metrics, save_dense, save_per_layer, train_losses, write_records, write_text
 from gqaprune.errors import GQAPruneError
 from gqaprune.data.tokenized import prepare_data, prompt_template_tokens, tokenize_records
@@ -155,8 +156,6 @@ def test_lora_on_per_layer_model_logs_everywhere(tmp_path, per_layer_dir, record
 def test_resume_continues_same_steps_and_data_order(tmp_path, records_path):
     """Stop a run after checkpoint-4 (an exception at step 5), resume with 'last': steps 5-6 reproduce
     the uninterrupted run's losses and record order exactly."""
-    from transformers import TrainerCallback
-
     base = save_dense(tmp_path / "dense")
     common = dict(batch_size=2, micro_batch_size=2, max_steps=6, save_steps=2, eval_steps=0, val_set_size=0,
                   lora_dropout=0.1, log_sample_ids=True)
@@ -165,15 +164,10 @@ def test_resume_continues_same_steps_and_data_order(tmp_path, records_path):
     ref_losses = train_losses(tmp_path / "ref")
     ref_samples = (tmp_path / "ref" / "samples_rank0.txt").read_text().splitlines()
 
-    class Kill(TrainerCallback):
-        def on_step_end(self, args, state, control, **kw):
-            if state.global_step == 5:
-                raise KeyboardInterrupt("simulated kill at step 5")
-
     run = tmp_path / "run"
     o = _opts(tmp_path, base, records_path, output_dir=str(run), **common)
     with pytest.raises(KeyboardInterrupt):
-        finetune(o, callbacks=[Kill()])
+        finetune(o, callbacks=[kill_at_step(5)])
     assert (run / "checkpoint-4").is_dir() and not (run / "checkpoint-6").exists()
     # not resuming into a folder that holds this run is refused
     with pytest.raises(GQAPruneError, match="resume_from_checkpoint last"):
@@ -199,8 +193,6 @@ def test_ctrl_c_saves_a_checkpoint_then_resume_finishes_the_same_run(tmp_path, r
     where the uninterrupted run does."""
     import os
     import signal
-
-    from transformers import TrainerCallback
 
     from gqaprune.cli import main
     from gqaprune.errors import Interrupted
@@ -254,8 +246,6 @@ def test_ctrl_c_saves_a_checkpoint_then_resume_finishes_the_same_run(tmp_path, r
 
 
 def test_nan_loss_stops_with_step_and_keeps_checkpoint(tmp_path, records_path):
-    from transformers import TrainerCallback
-
     base = save_dense(tmp_path / "dense")
 
     class InjectNaN(TrainerCallback):
@@ -394,8 +384,6 @@ def test_tokens_per_second_counts_the_training_loop_only(tmp_path, per_layer_dir
     """A slow evaluation (before and after training) does not shorten or lengthen the measured loop."""
     import time as _time
 
-    from transformers import TrainerCallback
-
     class SlowEvalClock(TrainerCallback):
         wall = 0.0
 
@@ -454,20 +442,13 @@ def test_full_finetune_trains_every_weight_and_saves_a_loadable_checkpoint(tmp_p
 def test_full_finetune_resumes_from_its_checkpoint(tmp_path, per_layer_dir, records_path):
     """A killed --full_finetune run (per-layer model) resumes from checkpoint-2 and ends with the same weights
     as the uninterrupted run."""
-    from transformers import TrainerCallback
-
     common = dict(batch_size=2, micro_batch_size=2, max_steps=4, save_steps=2, eval_steps=0, val_set_size=0,
                   full_finetune=True)
     finetune(_opts(tmp_path, per_layer_dir, records_path, output_dir=str(tmp_path / "ref"), **common))
 
-    class Kill(TrainerCallback):
-        def on_step_end(self, args, state, control, **kw):
-            if state.global_step == 3:
-                raise KeyboardInterrupt("simulated kill at step 3")
-
     run = tmp_path / "run"
     with pytest.raises(KeyboardInterrupt):
-        finetune(_opts(tmp_path, per_layer_dir, records_path, output_dir=str(run), **common), callbacks=[Kill()])
+        finetune(_opts(tmp_path, per_layer_dir, records_path, output_dir=str(run), **common), callbacks=[kill_at_step(3)])
     assert (run / "checkpoint-2").is_dir() and not (run / "model").exists()
     res = finetune(_opts(tmp_path, per_layer_dir, records_path, output_dir=str(run), resume_from_checkpoint="last",
                          **common))

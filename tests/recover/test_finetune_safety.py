@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from helpers import finetune_options, save_dense, write_records
+from helpers import finetune_options, kill_at_step, save_dense, write_records
 from gqaprune.errors import GQAPruneError
 from gqaprune.outputs import MANIFEST, foreign_entries, read_manifest
 from gqaprune.recover.finetune import FinetuneOptions, finetune
@@ -124,16 +124,9 @@ def test_output_dir_overlapping_other_inputs_is_refused(tmp_path, base, data, no
 def test_overwrite_replaces_an_earlier_run_even_an_interrupted_one(tmp_path, base, data):
     """(5) An earlier gqaprune finetune run, complete or killed mid-run, is recognised by its manifest (which
     claims every entry it wrote, checkpoints and all) and --overwrite replaces it."""
-    from transformers import TrainerCallback
-
-    class Kill(TrainerCallback):
-        def on_step_end(self, args, state, control, **kw):
-            if state.global_step == 3:
-                raise KeyboardInterrupt("simulated kill at step 3")
-
     out = tmp_path / "out"
     with pytest.raises(KeyboardInterrupt):
-        finetune(_opts(tmp_path, base, data, max_steps=4, log_sample_ids=True), callbacks=[Kill()])
+        finetune(_opts(tmp_path, base, data, max_steps=4, log_sample_ids=True), callbacks=[kill_at_step(3)])
     assert (out / "checkpoint-2").is_dir()
     m = read_manifest(out)
     assert m["kind"] == "finetune" and "checkpoint-2" in m["entries"] and foreign_entries(out) == []
@@ -159,19 +152,12 @@ def test_overwrite_refuses_a_run_folder_holding_a_users_file(tmp_path, base, dat
 
 def test_resume_of_a_run_written_by_an_earlier_version(tmp_path, base, data):
     """A run folder with only the legacy run_manifest.json resumes; afterwards gqaprune's manifest claims it all."""
-    from transformers import TrainerCallback
-
     from gqaprune.recover.run_dir import LEGACY_MANIFEST, manifest_options
-
-    class Kill(TrainerCallback):
-        def on_step_end(self, args, state, control, **kw):
-            if state.global_step == 3:
-                raise KeyboardInterrupt
 
     out = tmp_path / "out"
     o = _opts(tmp_path, base, data, max_steps=4)
     with pytest.raises(KeyboardInterrupt):
-        finetune(o, callbacks=[Kill()])
+        finetune(o, callbacks=[kill_at_step(3)])
     (out / MANIFEST).unlink()   # as an earlier version left it
     (out / LEGACY_MANIFEST).write_text(json.dumps({"kind": "gqaprune-finetune", "options": manifest_options(o)}))
     res = finetune(_opts(tmp_path, base, data, max_steps=4, resume_from_checkpoint="last"))

@@ -297,6 +297,12 @@ def saved_dtype(folder: str | Path) -> torch.dtype | None:
     return _DTYPES.get(str(c.get("dtype") or c.get("torch_dtype") or ""))
 
 
+def read_prune_plan(folder: str | Path) -> dict | None:
+    """The ``prune_plan.json`` a checkpoint folder carries (None for a folder without one, or a hub id)."""
+    p = Path(folder).expanduser() / "prune_plan.json"
+    return json.loads(p.read_text()) if p.is_file() else None
+
+
 def save_checkpoint(model, tokenizer, out_dir, *, plan: dict | None = None, overwrite: bool = False,
                     extra_files: dict[str, str | bytes] | None = None, kind: str = "checkpoint",
                     flag: str = "--output", info: dict | None = None) -> Path:

@@ -105,7 +105,8 @@ class FinetuneResult:
     def lines(self) -> list[str]:
         """A one-screen summary for the CLI."""
         out = [
-            f"{'Full' if self.method == 'full' else 'LoRA'} fine-tuning {self.status}: {self.global_step} optimizer steps ({self.epoch:.2f} epochs), "
+            f"{'Full' if self.method == 'full' else 'LoRA'} fine-tuning {self.status}: {self.global_step} optimizer "
+            f"steps ({self.epoch:.2f} epochs), "
             f"{self.world_size} process(es), grad accumulation {self.grad_accum}, {self.precision}, gradient "
             f"checkpointing {'on' if self.gradient_checkpointing else 'off'}",
             f"  data: {self.train_examples:,} train / {self.val_examples:,} val examples; tokenised cache: "
@@ -412,10 +413,10 @@ def _save_claimed(folder: RunFolder, expected: tuple[str, ...], save) -> None:
 def save_full_model(opts: FinetuneOptions, trainer, tokenizer, folder: RunFolder, result: FinetuneResult):
     """--full_finetune: the trained model as a checkpoint in output_dir/model, saved like the pruned input
     (a per-layer model stays per-layer, with its code) and with the input's prune plan."""
-    from gqaprune.models.io import save_checkpoint
+    from gqaprune.models.io import read_prune_plan, save_checkpoint
 
     src = Path(opts.prune_model).expanduser()
-    plan = json.loads((src / "prune_plan.json").read_text()) if (src / "prune_plan.json").is_file() else None
+    plan = read_prune_plan(src)
     model = trainer.accelerator.unwrap_model(trainer.model)
     model.config.use_cache = True        # training switched the KV cache off; generation wants it back
     folder.add(FULL_MODEL_DIR)

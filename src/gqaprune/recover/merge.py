@@ -24,7 +24,7 @@ import torch
 from gqaprune.errors import GQAPruneError
 from gqaprune.models.adapters import adapter_files, check_adapter_matches
 from gqaprune.models.io import dtype_name, is_per_layer, load_model, local_path, resolve_dtype, resolve_model_ref, \
-    save_checkpoint, saved_dtype
+    read_prune_plan, save_checkpoint, saved_dtype
 from gqaprune.options import ModelArgs, opt
 from gqaprune.outputs import check_output
 
@@ -191,9 +191,7 @@ def merged_and_checked(peft_model, config, opts: MergeOptions):
 def save_merged(merged, tokenizer, opts: MergeOptions, result: MergeResult, adapter_cfg: dict) -> None:
     """Save like the base (per-layer stays per-layer), with the base's plan and a record of the merge."""
     base_dir, lora = Path(opts.pruned_model).expanduser(), Path(opts.lora_dir).expanduser()
-    plan = None
-    if base_dir.is_dir() and (base_dir / "prune_plan.json").is_file():
-        plan = json.loads((base_dir / "prune_plan.json").read_text())
+    plan = read_prune_plan(base_dir)
     info = {"merged": result.to_dict(), "adapter_config": adapter_cfg,
             "written": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
     summary = lora / "finetune_summary.json"
