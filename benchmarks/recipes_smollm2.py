@@ -56,11 +56,22 @@ def parse_args(argv=None):
     return p.parse_args(argv)
 
 
-def parse_row(spec: str) -> tuple[str, float, int] | None:
+# candidate variants of a recipe, tried on the validation column only: ``recipe:ratio:seed:TAG`` adds
+# CANDIDATES[TAG]'s flags to the recipe's. Tagged rows never enter ``summary`` (what gqaprune prints).
+CANDIDATES = {
+    "search40": ["--allocation", "search", "--search-evaluations", "40", "--search-samples", "8"],
+    "text": ["--calibration-format", "text"],
+    "samples256": ["--num-samples", "256"],
+}
+
+
+def parse_row(spec: str) -> tuple[str, float, int, str | None] | None:
     if spec == "dense":
         return None
-    recipe, ratio, seed = spec.split(":")
-    return recipe, float(ratio), int(seed)
+    recipe, ratio, seed, *tag = spec.split(":")
+    if tag and tag[0] not in CANDIDATES:
+        raise SystemExit(f"row {spec}: unknown candidate {tag[0]}; one of {', '.join(CANDIDATES)}")
+    return recipe, float(ratio), int(seed), tag[0] if tag else None
 
 
 def summary(data: dict) -> list[dict]:
@@ -72,7 +83,7 @@ def summary(data: dict) -> list[dict]:
     groups: dict[tuple, list] = {}
     for name, row in rows.items():
         w128, w2048 = whole(ppl.get(name, {}), 128), whole(ppl.get(name, {}), 2048)
-        if w128 and row.get("prune_s"):
+        if w128 and row.get("prune_s") and not row.get("candidate"):
             groups.setdefault((row["recipe"], row["ratio"]), []).append((w128[0], w2048 and w2048[0], row["prune_s"]))
     m = meta["machine"]
     long = {k: [x[1] for x in v if x[1]] for k, v in groups.items()}   # rows measured at window 2048 too
@@ -126,7 +137,8 @@ def render(data: dict, path: Path) -> None:
 
     L.append("| dense | | | | 0 | " + " | ".join(cells(d, dv)) + " | |")
     for name, row in rows.items():
-        L.append(f"| {name} | {row['recipe']} | {row['ratio']:.0%} | {row['seed']} | {row['reduction']:.2%} | "
+        rc = row["recipe"] + (f" + `{' '.join(CANDIDATES[row['candidate']])}`" if row.get("candidate") else "")
+        L.append(f"| {name} | {rc} | {row['ratio']:.0%} | {row['seed']} | {row['reduction']:.2%} | "
                  + " | ".join(cells(ppl.get(name, {}), dv)) + f" | {row.get('prune_s') or 0:.0f} |")
     s = summary(data)
     if s:
@@ -171,17 +183,18 @@ def main(argv=None) -> int:
         if row is None:
             measure("dense", a.model)
             continue
-        recipe, ratio, seed = row
-        name = f"{recipe} {ratio:.0%} s{seed}"
-        folder = Path(a.work) / f"{recipe}_{int(ratio * 100)}_s{seed}"
+        recipe, ratio, seed, tag = row
+        name = f"{recipe}{'+' + tag if tag else ''} {ratio:.0%} s{seed}"
+        folder = Path(a.work) / f"{recipe}{'_' + tag if tag else ''}_{int(ratio * 100)}_s{seed}"
         cmd = [sys.executable, "-m", "gqaprune", "prune", "--model", a.model, "--recipe", recipe, "--pruning-ratio",
-               str(ratio), "--seed", str(seed), "--device", "cpu", "--dtype", "fp32", "--output", str(folder)]
+               str(ratio), "--seed", str(seed), "--device", "cpu", "--dtype", "fp32", "--output", str(folder),
+               *CANDIDATES.get(tag, [])]
         if name not in rows:
             wall = prune_once(name, cmd, folder, env)
             prov = json.loads((folder / "prune_plan.json").read_text())["provenance"]
             rows[name] = {"recipe": recipe, "ratio": ratio, "seed": seed, "folder": str(folder), "prune_s": wall,
                           "command": "gqaprune " + " ".join(cmd[3:]), "reduction": prov["reduction"],
-                          "recipe_record": prov.get("recipe")}
+                          "recipe_record": prov.get("recipe"), "candidate": tag}
             save()
         measure(name, rows[name]["folder"])
     return 0
