@@ -56,8 +56,9 @@ def parse_args(argv=None):
     return p.parse_args(argv)
 
 
-# candidate variants of a recipe, tried on the validation column only: ``recipe:ratio:seed:TAG`` adds
-# CANDIDATES[TAG]'s flags to the recipe's. Tagged rows never enter ``summary`` (what gqaprune prints).
+# candidate variants of a recipe, chosen between on the validation column only: ``recipe:ratio:seed:TAG``
+# adds CANDIDATES[TAG]'s flags to the recipe's. ``summary`` (what gqaprune prints) groups rows by the
+# recipe whose settings ran (``current_recipe``), so a candidate enters it only once a recipe adopts it.
 CANDIDATES = {
     "search40": ["--allocation", "search", "--search-evaluations", "40", "--search-samples", "8"],
     "text": ["--calibration-format", "text"],
@@ -74,6 +75,15 @@ def parse_row(spec: str) -> tuple[str, float, int, str | None] | None:
     return recipe, float(ratio), int(seed), tag[0] if tag else None
 
 
+def current_recipe(row: dict) -> str | None:
+    """The recipe of today's ``RECIPES`` whose settings are exactly what ``row``'s prune ran (its plan's
+    recipe record), or None: a row pruned with a recipe's earlier settings, or a candidate matching none."""
+    from gqaprune.prune.recipes import RECIPES
+
+    ran = (row.get("recipe_record") or {}).get("settings") or {}
+    return next((n for n, r in RECIPES.items() if ran and all(ran.get(k) == v for k, v in r.items())), None)
+
+
 def summary(data: dict) -> list[dict]:
     """Per recipe and ratio: mean over seeds of the whole-split x dense at both windows, and the prune time."""
     ppl, rows, meta = data.get("ppl", {}), data.get("rows", {}), data["meta"]
@@ -83,8 +93,9 @@ def summary(data: dict) -> list[dict]:
     groups: dict[tuple, list] = {}
     for name, row in rows.items():
         w128, w2048 = whole(ppl.get(name, {}), 128), whole(ppl.get(name, {}), 2048)
-        if w128 and row.get("prune_s") and not row.get("candidate"):
-            groups.setdefault((row["recipe"], row["ratio"]), []).append((w128[0], w2048 and w2048[0], row["prune_s"]))
+        rc = current_recipe(row)   # by the settings that ran, so a candidate equal to a recipe counts as it
+        if w128 and row.get("prune_s") and rc:
+            groups.setdefault((rc, row["ratio"]), []).append((w128[0], w2048 and w2048[0], row["prune_s"]))
     m = meta["machine"]
     long = {k: [x[1] for x in v if x[1]] for k, v in groups.items()}   # rows measured at window 2048 too
     return [{"recipe": rc, "ratio": ratio, "seeds": len(v), "model": meta["model"],
@@ -138,6 +149,9 @@ def render(data: dict, path: Path) -> None:
     L.append("| dense | | | | 0 | " + " | ".join(cells(d, dv)) + " | |")
     for name, row in rows.items():
         rc = row["recipe"] + (f" + `{' '.join(CANDIDATES[row['candidate']])}`" if row.get("candidate") else "")
+        now = current_recipe(row)
+        if now != row["recipe"] or row.get("candidate"):
+            rc += f" (= today's {now})" if now else " (the recipe's earlier settings)"
         L.append(f"| {name} | {rc} | {row['ratio']:.0%} | {row['seed']} | {row['reduction']:.2%} | "
                  + " | ".join(cells(ppl.get(name, {}), dv)) + f" | {row.get('prune_s') or 0:.0f} |")
     s = summary(data)
