@@ -21,7 +21,10 @@ def test_each_recipe_sets_its_flags_and_the_default_is_balanced():
     o = PruneOptions(pruning_ratio=0.2)
     assert DEFAULT == "balanced" and o.recipe_record["name"] == "balanced"
     assert {k: getattr(o, k) for k in RECIPES["balanced"]} == RECIPES["balanced"]
-    assert RECIPES["fast"] == BASE and RECIPES["best"]["allocation"] == "search"
+    assert RECIPES["fast"] == BASE and RECIPES["best"]["allocation"] == RECIPES["balanced"]["allocation"] == "search"
+    # balanced's search is the short one: fewer moves, each on fewer samples, than best's
+    assert RECIPES["balanced"]["search_evaluations"] < RECIPES["best"]["search_evaluations"]
+    assert RECIPES["balanced"]["search_samples"] < RECIPES["best"]["search_samples"]
 
 
 def test_explicit_flags_win_and_are_recorded():
