@@ -105,7 +105,9 @@ def summary(data: dict) -> list[dict]:
              "x_dense_w2048_seeds": [round(x / d2048[0], 4) for x in long[rc, ratio]],
              "prune_s": statistics.mean(x[2] for x in v),
              "protocol": f"whole WikiText-2 test ({d128[1]:,} tokens scored at window 128), mean of {len(v)} "
-                         f"calibration seed{'s' if len(v) > 1 else ''}",
+                         f"calibration seed{'s' if len(v) > 1 else ''}"
+                         + (f" (window 2048: {len(long[rc, ratio])} of them)"
+                            if long[rc, ratio] and len(long[rc, ratio]) < len(v) else ""),
              "machine": f"a {m['cores_visible']}-core CPU"} for (rc, ratio), v in sorted(groups.items())]
 
 
