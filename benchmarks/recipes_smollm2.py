@@ -18,8 +18,9 @@ Measured for every row, with the same token ids for every row:
   whole-split PPL is exactly exp of the token-weighted mean NLL of A and B (the same windows a single
   pass scores); the halves give a spread over slices, the seeds a spread over calibration samples.
 
-Nothing is chosen on the WikiText-2 columns: the recipes were fixed before this run, and any choice
-between them is made on the validation column.
+Nothing is chosen on the WikiText-2 columns: each recipe's settings were fixed, on the validation column,
+before its WikiText-2 columns were measured; a candidate change is a row ``recipe:ratio:seed:TAG``
+(``CANDIDATES``) compared with the recipe on validation only.
 
 Resumable: every measurement is saved to OUT.json as it finishes, and checkpoint folders already written
 are reused. ``summary`` in the JSON (per recipe and ratio, the mean over seeds) is what
@@ -44,7 +45,7 @@ DEFAULT_ROWS = ("dense,balanced:0.2:0,fast:0.2:0,balanced:0.2:1,balanced:0.5:0,b
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default="smollm2-135m")
-    p.add_argument("--rows", default=DEFAULT_ROWS, help="dense and recipe:ratio:seed, comma-separated, run in order")
+    p.add_argument("--rows", default=DEFAULT_ROWS, help="dense and recipe:ratio:seed[:TAG] (TAG: a candidate of CANDIDATES), comma-separated, run in order")
     p.add_argument("--val-tokens", type=int, default=32768)
     p.add_argument("--work", default="prune_log/recipes_bench", help="folder for the checkpoints")
     p.add_argument("--out", default="benchmarks/results/recipes_smollm2")
@@ -91,10 +92,12 @@ def summary(data: dict) -> list[dict]:
     if not d128 or not d2048:
         return []
     groups: dict[tuple, list] = {}
+    seen = set()   # (recipe, ratio, seed): a seed pruned twice with the same settings counts once
     for name, row in rows.items():
         w128, w2048 = whole(ppl.get(name, {}), 128), whole(ppl.get(name, {}), 2048)
         rc = current_recipe(row)   # by the settings that ran, so a candidate equal to a recipe counts as it
-        if w128 and row.get("prune_s") and rc:
+        if w128 and row.get("prune_s") and rc and (rc, row["ratio"], row["seed"]) not in seen:
+            seen.add((rc, row["ratio"], row["seed"]))
             groups.setdefault((rc, row["ratio"]), []).append((w128[0], w2048 and w2048[0], row["prune_s"]))
     m = meta["machine"]
     long = {k: [x[1] for x in v if x[1]] for k, v in groups.items()}   # rows measured at window 2048 too
@@ -119,8 +122,8 @@ def render(data: dict, path: Path) -> None:
          *[f"- rows before it from an earlier invocation: {e['date']}, `{e['command']}` (git {e['git']}; also running: "
            f"{e['also_running']})" for e in data.get("earlier_runs", [])],
          f"- machine: {meta['machine']['cpu']}, {meta['machine']['cores_visible']} cores, torch "
-         f"{meta['machine']['torch']}, transformers {meta['machine']['transformers']}, fp32 on CPU; one prune or "
-         f"evaluation at a time; also running: {meta.get('also_running')}",
+         f"{meta['machine']['torch']}, transformers {meta['machine']['transformers']}, fp32 on CPU; also running "
+         f"(this invocation; earlier ones above and in the notes): {meta.get('also_running')}",
          "- every row: `gqaprune prune --model " + meta["model"] + " --recipe R --pruning-ratio r --seed s "
          "--device cpu --dtype fp32 --output DIR` (the recipes' flags: `src/gqaprune/prune/recipes.py`, the "
          "README's Recipes table); the exact command and the recipe record of each row are in the JSON",
@@ -153,7 +156,8 @@ def render(data: dict, path: Path) -> None:
         rc = row["recipe"] + (f" + `{' '.join(CANDIDATES[row['candidate']])}`" if row.get("candidate") else "")
         now = current_recipe(row)
         if now != row["recipe"] or row.get("candidate"):
-            rc += f" (= today's {now})" if now else " (the recipe's earlier settings)"
+            rc += (f" (= today's {now})" if now else " (a candidate; matches no recipe)" if row.get("candidate")
+                   else " (the recipe's earlier settings)")
         L.append(f"| {name} | {rc} | {row['ratio']:.0%} | {row['seed']} | {row['reduction']:.2%} | "
                  + " | ".join(cells(ppl.get(name, {}), dv)) + f" | {row.get('prune_s') or 0:.0f} |")
     s = summary(data)
@@ -206,6 +210,11 @@ def main(argv=None) -> int:
                str(ratio), "--seed", str(seed), "--device", "cpu", "--dtype", "fp32", "--output", str(folder),
                *CANDIDATES.get(tag, [])]
         if name not in rows:
+            plan = folder / "prune_plan.json"
+            if not tag and plan.is_file() and current_recipe(
+                    {"recipe_record": json.loads(plan.read_text())["provenance"].get("recipe")}) != recipe:
+                raise SystemExit(f"{folder} holds a prune with other settings than today's recipe {recipe} (an "
+                                 "earlier version of it?); pass --work with a new folder")
             wall = prune_once(name, cmd, folder, env)
             prov = json.loads((folder / "prune_plan.json").read_text())["provenance"]
             rows[name] = {"recipe": recipe, "ratio": ratio, "seed": seed, "folder": str(folder), "prune_s": wall,

@@ -51,7 +51,7 @@ BATCH = 8
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--student", default="prune_log/recipes_bench/balanced_20_s0", help="pruned checkpoint to recover")
+    p.add_argument("--student", default="prune_log/recipes_bench/best_20_s0", help="pruned checkpoint to recover")
     p.add_argument("--teacher", default="smollm2-135m", help="the dense model (distillation teacher)")
     p.add_argument("--methods", default=",".join(METHODS))
     p.add_argument("--tokens", type=int, default=32768, help="training-token budget per method")

@@ -10,10 +10,10 @@ written by ``benchmarks/recipes_smollm2.py``, and ``measured()`` reads it for th
 - ``balanced`` (the default): greedy-OBS scores, per-layer counts weighted by each layer's measured
   sensitivity and then a short allocation search (40 moves of KV groups or channels between layers,
   each kept only if the KL on 8 calibration samples goes down), the attention/MLP split searched on
-  calibration KL, and the least-squares refit of the kept units' o_proj/down_proj columns. A few
-  minutes on a 2-core CPU for a 135M model. The short search was chosen over the sensitivity
+  calibration KL, and the least-squares refit of the kept units' o_proj/down_proj columns. Minutes,
+  not seconds, on a 2-core CPU for a 135M model. The short search was chosen over the sensitivity
   allocation alone on held-out validation text (``benchmarks/results/recipes_smollm2.md``).
-- ``best``: ``balanced`` with the long allocation search (150 moves, KL on 16 samples). Several times
+- ``best``: ``balanced`` with the long allocation search (150 moves, KL on 16 samples). A multiple of
   ``balanced``'s cost.
 """
 
