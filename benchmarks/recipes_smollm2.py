@@ -36,6 +36,7 @@ import statistics
 import sys
 from pathlib import Path
 
+from gqaprune.models.io import read_prune_plan
 from _common import KEYS, Measurer, prune_once, run_meta, whole, write_markdown  # noqa: E402  (benchmarks/ is on sys.path)
 
 DEFAULT_ROWS = ("dense,balanced:0.2:0,fast:0.2:0,balanced:0.2:1,balanced:0.5:0,balanced:0.5:1,fast:0.2:1,"
@@ -63,7 +64,6 @@ def parse_args(argv=None):
 CANDIDATES = {
     "search40": ["--allocation", "search", "--search-evaluations", "40", "--search-samples", "8"],
     "text": ["--calibration-format", "text"],
-    "samples256": ["--num-samples", "256"],
 }
 
 
@@ -76,12 +76,12 @@ def parse_row(spec: str) -> tuple[str, float, int, str | None] | None:
     return recipe, float(ratio), int(seed), tag[0] if tag else None
 
 
-def current_recipe(row: dict) -> str | None:
-    """The recipe of today's ``RECIPES`` whose settings are exactly what ``row``'s prune ran (its plan's
-    recipe record), or None: a row pruned with a recipe's earlier settings, or a candidate matching none."""
+def current_recipe(record: dict | None) -> str | None:
+    """The recipe of today's ``RECIPES`` whose settings are exactly what a prune ran (``record``: its plan's
+    ``provenance.recipe``), or None: a prune with a recipe's earlier settings, or a candidate matching none."""
     from gqaprune.prune.recipes import RECIPES
 
-    ran = (row.get("recipe_record") or {}).get("settings") or {}
+    ran = (record or {}).get("settings") or {}
     return next((n for n, r in RECIPES.items() if ran and all(ran.get(k) == v for k, v in r.items())), None)
 
 
@@ -95,7 +95,7 @@ def summary(data: dict) -> list[dict]:
     seen = set()   # (recipe, ratio, seed): a seed pruned twice with the same settings counts once
     for name, row in rows.items():
         w128, w2048 = whole(ppl.get(name, {}), 128), whole(ppl.get(name, {}), 2048)
-        rc = current_recipe(row)   # by the settings that ran, so a candidate equal to a recipe counts as it
+        rc = current_recipe(row.get("recipe_record"))   # by the settings that ran, so a candidate equal to a recipe counts as it
         if w128 and row.get("prune_s") and rc and (rc, row["ratio"], row["seed"]) not in seen:
             seen.add((rc, row["ratio"], row["seed"]))
             groups.setdefault((rc, row["ratio"]), []).append((w128[0], w2048 and w2048[0], row["prune_s"]))
@@ -112,6 +112,17 @@ def summary(data: dict) -> list[dict]:
                          + (f" (window 2048: {len(long[rc, ratio])} of them)"
                             if long[rc, ratio] and len(long[rc, ratio]) < len(v) else ""),
              "machine": f"a {m['cores_visible']}-core CPU"} for (rc, ratio), v in sorted(groups.items())]
+
+
+def label(row: dict) -> str:
+    """The table's recipe cell: the recipe, a candidate's flags, and which of today's recipes the row is."""
+    now, tag = current_recipe(row.get("recipe_record")), row.get("candidate")
+    out = row["recipe"] + (f" + `{' '.join(CANDIDATES[tag])}`" if tag else "")
+    if now == row["recipe"] and not tag:
+        return out
+    if now:
+        return out + f" (= today's {now})"
+    return out + (" (a candidate; matches no recipe)" if tag else " (the recipe's earlier settings)")
 
 
 def render(data: dict, path: Path) -> None:
@@ -153,12 +164,7 @@ def render(data: dict, path: Path) -> None:
 
     L.append("| dense | | | | 0 | " + " | ".join(cells(d, dv)) + " | |")
     for name, row in rows.items():
-        rc = row["recipe"] + (f" + `{' '.join(CANDIDATES[row['candidate']])}`" if row.get("candidate") else "")
-        now = current_recipe(row)
-        if now != row["recipe"] or row.get("candidate"):
-            rc += (f" (= today's {now})" if now else " (a candidate; matches no recipe)" if row.get("candidate")
-                   else " (the recipe's earlier settings)")
-        L.append(f"| {name} | {rc} | {row['ratio']:.0%} | {row['seed']} | {row['reduction']:.2%} | "
+        L.append(f"| {name} | {label(row)} | {row['ratio']:.0%} | {row['seed']} | {row['reduction']:.2%} | "
                  + " | ".join(cells(ppl.get(name, {}), dv)) + f" | {row.get('prune_s') or 0:.0f} |")
     s = summary(data)
     if s:
@@ -210,13 +216,12 @@ def main(argv=None) -> int:
                str(ratio), "--seed", str(seed), "--device", "cpu", "--dtype", "fp32", "--output", str(folder),
                *CANDIDATES.get(tag, [])]
         if name not in rows:
-            plan = folder / "prune_plan.json"
-            if not tag and plan.is_file() and current_recipe(
-                    {"recipe_record": json.loads(plan.read_text())["provenance"].get("recipe")}) != recipe:
+            earlier = read_prune_plan(folder)   # a folder an earlier invocation wrote is reused, if it is this recipe
+            if not tag and earlier and current_recipe(earlier["provenance"].get("recipe")) != recipe:
                 raise SystemExit(f"{folder} holds a prune with other settings than today's recipe {recipe} (an "
                                  "earlier version of it?); pass --work with a new folder")
             wall = prune_once(name, cmd, folder, env)
-            prov = json.loads((folder / "prune_plan.json").read_text())["provenance"]
+            prov = read_prune_plan(folder)["provenance"]
             rows[name] = {"recipe": recipe, "ratio": ratio, "seed": seed, "folder": str(folder), "prune_s": wall,
                           "command": "gqaprune " + " ".join(cmd[3:]), "reduction": prov["reduction"],
                           "recipe_record": prov.get("recipe"), "candidate": tag}

@@ -40,8 +40,11 @@ def test_summary_groups_by_the_settings_that_ran(bench):
                      "new s0 again": _row(dict(RECIPES["balanced"]), 0), "new s1": _row(dict(RECIPES["balanced"]), 1)},
             "ppl": {"dense": _ppl(10.0), "old s0": _ppl(40.0), "cand s0": _ppl(20.0), "new s0 again": _ppl(20.0),
                     "new s1": _ppl(30.0)}}
-    assert bench.current_recipe(data["rows"]["old s0"]) is None
-    assert bench.current_recipe(data["rows"]["cand s0"]) == "balanced"
+    assert bench.current_recipe(data["rows"]["old s0"]["recipe_record"]) is None
+    assert bench.current_recipe(data["rows"]["cand s0"]["recipe_record"]) == "balanced"
+    assert bench.label(data["rows"]["old s0"]).endswith("(the recipe's earlier settings)")
+    assert bench.label(data["rows"]["cand s0"]).endswith("(= today's balanced)")
+    assert bench.label(data["rows"]["new s1"]) == "balanced"
     (s,) = bench.summary(data)
     # the earlier settings are left out, and seed 0 (pruned twice with today's settings) counts once
     assert s["recipe"] == "balanced" and s["seeds"] == 2 and s["x_dense_w128_seeds"] == [2.0, 3.0]
