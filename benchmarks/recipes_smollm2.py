@@ -55,6 +55,9 @@ def parse_args(argv=None):
     p.add_argument("--keys", default=",".join(KEYS), help="which measurements to make (a subset of "
                    f"{','.join(KEYS)}; the rest of a row stays empty)")
     p.add_argument("--render", action="store_true", help="only re-render the Markdown from the JSON")
+    p.add_argument("--merge", default=None, metavar="FILE[,FILE]",
+                   help="fold the results JSON of invocations that ran beside this one (their own --out) into "
+                        "OUT.json, then re-render; nothing is measured")
     return p.parse_args(argv)
 
 
@@ -178,12 +181,42 @@ def render(data: dict, path: Path) -> None:
     write_markdown(path, L, data.get("notes"))
 
 
+def merge(data: dict, other: dict, source: str) -> None:
+    """Fold ``other`` (the results of an invocation that ran beside this file's, with its own ``--out``) into
+    ``data``: its rows and measurements are copied unchanged, its invocations join ``earlier_runs``. Refuses
+    a row or measurement both hold with different contents, and token ids counted differently."""
+    for k, n in other.get("tokens", {}).items():
+        if data.setdefault("tokens", {}).setdefault(k, n) != n:
+            raise SystemExit(f"--merge {source}: its {k} token count {n} differs from {data['tokens'][k]}; "
+                             "the two were measured on different text")
+    for name, row in other.get("rows", {}).items():
+        if data.setdefault("rows", {}).setdefault(name, row) != row:
+            raise SystemExit(f"--merge {source}: row {name!r} is in both files with different contents; rename "
+                             "one of them first")
+    for name, keys in other.get("ppl", {}).items():
+        mine = data.setdefault("ppl", {}).setdefault(name, {})
+        for k, v in keys.items():
+            if mine.setdefault(k, v) != v:
+                raise SystemExit(f"--merge {source}: {name} {k} is measured in both files with different "
+                                 "results; keep one by hand")
+    runs = data.setdefault("earlier_runs", [])
+    for e in other.get("earlier_runs", []) + [{k: other["meta"][k] for k in ("date", "command", "also_running")}
+                                              | {"git": other["meta"]["machine"].get("git")}]:
+        if e not in runs:
+            runs.append(e)
+    notes = data.setdefault("notes", [])
+    notes += [n for n in other.get("notes", []) if n not in notes]
+
+
 def main(argv=None) -> int:
     a = parse_args(argv)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     out = Path(a.out).with_suffix(".json")
     data = json.loads(out.read_text()) if out.is_file() else {}
-    if a.render:   # the summary (which gqaprune prune reads) and the Markdown, from the rows as they are
+    for src in (a.merge or "").split(","):
+        if src:
+            merge(data, json.loads(Path(src).read_text()), src)
+    if a.render or a.merge:   # the summary (which gqaprune prune reads) and the Markdown, from the rows as they are
         data["summary"] = summary(data)
         out.write_text(json.dumps(data, indent=1))
         render(data, out.with_suffix(".md"))

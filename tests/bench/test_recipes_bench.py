@@ -55,3 +55,27 @@ def test_candidate_tags_are_checked(bench):
     assert bench.parse_row("balanced:0.2:1:search40") == ("balanced", 0.2, 1, "search40")
     with pytest.raises(SystemExit, match="unknown candidate"):
         bench.parse_row("balanced:0.2:1:nosuch")
+
+
+def _results(rows, ppl, date):
+    return {"meta": {"date": date, "command": f"run {date}", "also_running": "x", "machine": {"git": "abc"}},
+            "tokens": {"test": 303415, "half": 151552, "val": 32768}, "rows": rows, "ppl": ppl, "notes": [date]}
+
+
+def test_merge_folds_a_side_run_in_and_refuses_conflicts(bench):
+    main = _results({"a s0": _row(dict(RECIPES["balanced"]), 0)}, {"dense": _ppl(10.0), "a s0": _ppl(20.0)}, "d1")
+    side = _results({"b s1": _row(dict(RECIPES["balanced"]), 1)}, {"b s1": _ppl(30.0), "dense": {"val": {"ppl": 5}}},
+                    "d2")
+    bench.merge(main, side, "side.json")
+    assert set(main["rows"]) == {"a s0", "b s1"} and main["ppl"]["b s1"] == _ppl(30.0)
+    assert main["ppl"]["dense"]["val"] == {"ppl": 5} and main["ppl"]["dense"]["A128"]["ppl"] == 10.0
+    assert [e["date"] for e in main["earlier_runs"]] == ["d2"] and main["notes"] == ["d1", "d2"]
+    bench.merge(main, side, "side.json")          # folding the same file again changes nothing
+    assert len(main["earlier_runs"]) == 1
+    clash = _results({}, {"a s0": _ppl(21.0)}, "d3")
+    with pytest.raises(SystemExit, match="a s0 A128 is measured in both"):
+        bench.merge(main, clash, "clash.json")
+    other_text = _results({}, {}, "d4")
+    other_text["tokens"]["val"] = 1000
+    with pytest.raises(SystemExit, match="val token count"):
+        bench.merge(main, other_text, "other.json")
