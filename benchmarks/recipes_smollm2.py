@@ -202,10 +202,12 @@ def merge(data: dict, other: dict, source: str) -> None:
             if mine.setdefault(k, v) != v:
                 raise SystemExit(f"--merge {source}: {name} {k} is measured in both files with different "
                                  "results; keep one by hand")
+    def run_of(meta):
+        return {k: meta[k] for k in ("date", "command", "also_running")} | {"git": meta["machine"].get("git")}
+
     runs = data.setdefault("earlier_runs", [])
-    for e in other.get("earlier_runs", []) + [{k: other["meta"][k] for k in ("date", "command", "also_running")}
-                                              | {"git": other["meta"]["machine"].get("git")}]:
-        if e not in runs:
+    for e in other.get("earlier_runs", []) + [run_of(other["meta"])]:
+        if e not in runs and e != run_of(data["meta"]):   # a side file started from a copy of this one holds its run
             runs.append(e)
     notes = data.setdefault("notes", [])
     notes += [n for n in other.get("notes", []) if n not in notes]

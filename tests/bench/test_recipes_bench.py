@@ -72,6 +72,10 @@ def test_merge_folds_a_side_run_in_and_refuses_conflicts(bench):
     assert [e["date"] for e in main["earlier_runs"]] == ["d2"] and main["notes"] == ["d1", "d2"]
     bench.merge(main, side, "side.json")          # folding the same file again changes nothing
     assert len(main["earlier_runs"]) == 1
+    copy = _results({}, {}, "d5")                 # a side file started from a copy of main lists main's own run
+    copy["earlier_runs"] = [{**{k: main["meta"][k] for k in ("date", "command", "also_running")}, "git": "abc"}]
+    bench.merge(main, copy, "copy.json")
+    assert [e["date"] for e in main["earlier_runs"]] == ["d2", "d5"]
     clash = _results({}, {"a s0": _ppl(21.0)}, "d3")
     with pytest.raises(SystemExit, match="a s0 A128 is measured in both"):
         bench.merge(main, clash, "clash.json")
