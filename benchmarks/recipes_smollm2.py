@@ -113,6 +113,7 @@ def summary(data: dict) -> list[dict]:
              "x_dense_w128_seeds": [round(x[0] / d128[0], 4) for x in v],
              "x_dense_w2048_seeds": [round(x / d2048[0], 4) for x in long[rc, ratio]],
              "prune_s": statistics.mean(x[2] for x in v),
+             "prune_s_range": [min(x[2] for x in v), max(x[2] for x in v)],   # rows ran alone or beside jobs
              "protocol": f"whole WikiText-2 test ({d128[1]:,} tokens scored at window 128), mean of {len(v)} "
                          f"calibration seed{'s' if len(v) > 1 else ''}"
                          + (f" (window 2048: {len(long[rc, ratio])} of them)"
@@ -176,12 +177,18 @@ def render(data: dict, path: Path) -> None:
     if s:
         L += ["", "Per recipe (mean over seeds; what `gqaprune prune` prints after a run with that recipe):", "",
               "| recipe | ratio | seeds | × dense w128 (whole test) | per seed | × dense w2048 (whole test) | per seed "
-              "| prune s |", "|---|---:|---:|---:|---|---:|---|---:|"]
+              "| prune s (range over the rows; see their notes) |", "|---|---:|---:|---:|---|---:|---|---:|"]
         L += [f"| {x['recipe']} | {x['ratio']:.0%} | {x['seeds']} | {x['x_dense_w128']:.2f} | "
               f"{' / '.join(f'{y:.2f}' for y in x['x_dense_w128_seeds'])} | "
               f"{'' if x['x_dense_w2048'] is None else format(x['x_dense_w2048'], '.2f')} | "
-              f"{' / '.join(f'{y:.2f}' for y in x['x_dense_w2048_seeds'])} | {x['prune_s']:.0f} |" for x in s]
+              f"{' / '.join(f'{y:.2f}' for y in x['x_dense_w2048_seeds'])} | "
+              f"{'-'.join(f'{y:.0f}' for y in sorted(set(x['prune_s_range'])))} |" for x in s]
     write_markdown(path, L, data.get("notes"))
+
+
+def run_of(meta: dict) -> dict:
+    """An invocation as ``earlier_runs`` lists it, from its ``meta``."""
+    return {k: meta[k] for k in ("date", "command", "also_running")} | {"git": meta["machine"].get("git")}
 
 
 def merge(data: dict, other: dict, source: str) -> None:
@@ -202,9 +209,6 @@ def merge(data: dict, other: dict, source: str) -> None:
             if mine.setdefault(k, v) != v:
                 raise SystemExit(f"--merge {source}: {name} {k} is measured in both files with different "
                                  "results; keep one by hand")
-    def run_of(meta):
-        return {k: meta[k] for k in ("date", "command", "also_running")} | {"git": meta["machine"].get("git")}
-
     runs = data.setdefault("earlier_runs", [])
     for e in other.get("earlier_runs", []) + [run_of(other["meta"])]:
         if e not in runs and e != run_of(data["meta"]):   # a side file started from a copy of this one holds its run
@@ -227,8 +231,7 @@ def main(argv=None) -> int:
         render(data, out.with_suffix(".md"))
         return 0
     if "meta" in data:   # resuming: keep what the earlier invocations were
-        data.setdefault("earlier_runs", []).append({k: data["meta"][k] for k in ("date", "command", "also_running")}
-                                                   | {"git": data["meta"]["machine"].get("git")})
+        data.setdefault("earlier_runs", []).append(run_of(data["meta"]))
     data["meta"] = run_meta(model=a.model, also_running=a.also_running)
     rows = data.setdefault("rows", {})
 

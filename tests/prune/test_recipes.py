@@ -77,6 +77,9 @@ def test_measured_reads_the_nearest_row_and_is_silent_without_a_file(tmp_path):
     f.write_text(json.dumps({"summary": [row, {**row, "ratio": 0.5, "x_dense_w128": 9.0}]}))
     assert "2.50x dense" in measured("balanced", 0.25, f) and "9.00x" in measured("balanced", 0.45, f)
     assert measured("best", 0.2, f) is None and measured("balanced", 0.2, tmp_path / "none.json") is None
+    assert "prune 250 s on" in measured("balanced", 0.2, f)
+    f.write_text(json.dumps({"summary": [{**row, "prune_s_range": [200.0, 300.0]}]}))
+    assert "prune 200-300 s (alone or beside other jobs)" in measured("balanced", 0.2, f)
 
 
 def test_held_out_alpaca_records_are_never_calibration_or_training(data_env, tmp_path):

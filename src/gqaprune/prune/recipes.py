@@ -87,6 +87,8 @@ def measured(name: str | None, ratio: float | None, path: Path | None = None) ->
         return None
     r = min(mine, key=lambda x: abs(x["ratio"] - ratio))
     long = f" and {r['x_dense_w2048']:.2f}x (window 2048)" if r.get("x_dense_w2048") else ""
+    lo, hi = r.get("prune_s_range") or (r["prune_s"], r["prune_s"])
+    cost = f"{lo:.0f} s" if round(lo) == round(hi) else f"{lo:.0f}-{hi:.0f} s (alone or beside other jobs)"
     return (f"recipe {name} measured on {r['model']} at -{r['ratio']:.0%}: {r['x_dense_w128']:.2f}x dense PPL "
             f"(window 128){long}, {r['protocol']}; "
-            f"prune {r['prune_s']:.0f} s on {r['machine']} (benchmarks/results/recipes_smollm2.md)")
+            f"prune {cost} on {r['machine']} (benchmarks/results/recipes_smollm2.md)")
