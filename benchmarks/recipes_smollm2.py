@@ -70,6 +70,10 @@ CANDIDATES = {
     # the search's KL on 16 samples instead of 8 (balanced's 8 overfit: -10% KL on them, -1.4% on the 8
     # held-out check samples), each move screened on the first 4 so that a rejected move costs 4 samples
     "s16screen4": ["--search-samples", "16", "--search-screen-samples", "4"],
+    # 2026-12-02, after the search's KL became cheaper (layerwise.DenseTarget): spend the time saved on
+    # more moves, or on more samples per move (what best does, at 150 moves on 16 samples)
+    "search60": ["--search-evaluations", "60"],
+    "s12": ["--search-samples", "12"],
 }
 
 

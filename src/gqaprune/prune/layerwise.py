@@ -16,7 +16,9 @@ compensation, the sensitivity probes, the split search and the allocation search
 * ``zero_units``: forward pre-hooks that zero the o_proj / down_proj input features of
   some units; that is exactly equivalent to slicing the units away (tests), and leaves the
   weights untouched.
-* ``Head``: the final norm and LM head, for log-probabilities from the last hidden states.
+* ``Head``: the final norm and LM head, for log-probabilities from the last hidden states;
+  ``DenseTarget``: the dense model's distributions on fixed samples, for KL(dense || pruned)
+  from a candidate's last hidden states at the cost of the head's matmul.
 """
 
 from __future__ import annotations
@@ -189,6 +191,61 @@ class Head:
         if self.softcap:
             logits = torch.tanh(logits / self.softcap) * self.softcap
         return torch.log_softmax(logits, dim=-1)
+
+
+class DenseTarget:
+    """The unpruned model's next-token distributions on fixed samples, kept so that KL(dense || pruned)
+    (and the pruned model's NLL) come from the pruned model's last hidden states without materialising
+    its log-probabilities: the searches call this once per candidate, and on a 2-core CPU the log-softmax
+    and the elementwise KL over the vocabulary took about as long as the LM head's matmul itself.
+
+    Per position, with z = W n(h) + b the candidate's logits and p the dense distribution:
+    KL = sum_v p_v log p_v - sum_v p_v z_v + logsumexp(z), and sum_v p_v z_v = n(h) . (W^T p) + p . b.
+    ``W^T p`` (positions x hidden) and ``sum p log p`` are computed once here, so a candidate costs the
+    matmul and one logsumexp; the per-position terms are summed in float64 (the KL is a small
+    difference of terms about 10-30 in size). With a logit softcap (Gemma-2) z is not linear in n(h),
+    and the dense log-probabilities are kept instead (the plain formula, ``kl``).
+
+    ``h_ref``: the dense model's last hidden states of one batch, (batch, seq, hidden).
+    """
+
+    def __init__(self, head: Head, h_ref: torch.Tensor):
+        self.head = head
+        self.linear = head.softcap is None and isinstance(head.head, torch.nn.Linear)
+        logp = head.logprobs(h_ref)                                   # (batch, seq-1, vocab) float32
+        if not self.linear:
+            self.logp = logp
+            return
+        p = logp.exp()
+        self.neg_entropy = (p * logp).sum(-1).double()                # (batch, seq-1)
+        w = head.head.weight                                          # (vocab, hidden)
+        self.u = (p.to(w.dtype) @ w).float()                          # (batch, seq-1, hidden) = W^T p
+        b = head.head.bias
+        self.pb = (p @ b.float()).double() if b is not None else 0.0  # (batch, seq-1)
+
+    def _logits(self, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        n = self.head.norm(h)[:, :-1]
+        return n, self.head.head(n).float()
+
+    def kl(self, h: torch.Tensor) -> float:
+        """Summed KL(dense || this) over the batch's positions; ``h``: the pruned model's last hidden states."""
+        if not self.linear:
+            return kl(self.logp, self.head.logprobs(h))
+        n, z = self._logits(h)
+        cross = (n.float() * self.u).sum(-1).double() + self.pb
+        return float((self.neg_entropy - cross + torch.logsumexp(z, -1).double()).sum())
+
+    def nll_kl(self, h: torch.Tensor, ids: torch.Tensor) -> tuple[float, float]:
+        """(summed next-token NLL of ``ids``, summed KL(dense || this)) from the same logits."""
+        if not self.linear:
+            logp = self.head.logprobs(h)
+            return nll(logp, ids), kl(self.logp, logp)
+        n, z = self._logits(h)
+        lse = torch.logsumexp(z, -1).double()
+        tgt = ids[:, 1:].to(z.device)
+        nll_sum = float((lse - z.gather(-1, tgt[..., None])[..., 0].double()).sum())
+        cross = (n.float() * self.u).sum(-1).double() + self.pb
+        return nll_sum, float((self.neg_entropy - cross + lse).sum())
 
 
 def nll(logp: torch.Tensor, ids: torch.Tensor) -> float:

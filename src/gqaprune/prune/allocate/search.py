@@ -45,8 +45,8 @@ from tqdm.auto import tqdm
 
 from gqaprune.errors import GQAPruneError
 from gqaprune.models.layout import ModelLayout
-from gqaprune.prune.layerwise import Head, ZeroInputs, capture_layer_inputs, check_layers, kl, remove_hooks, \
-    run_layers, zero_units
+from gqaprune.prune.layerwise import DenseTarget, Head, ZeroInputs, capture_layer_inputs, check_layers, \
+    remove_hooks, run_layers, zero_units
 from gqaprune.prune.budget import Target
 from gqaprune.prune.plan import PrunePlan, finish_plan
 
@@ -94,7 +94,7 @@ class _Evaluator:
         self.kws = [kw for _, kw in batches]
         self.tokens = sum(h.shape[0] * (h.shape[1] - 1) for h, _ in batches)
         h0 = [h for h, _ in batches]
-        self.ref = [self.head.logprobs(run_layers(self.layers, h, kw)) for h, kw in zip(h0, self.kws)]
+        self.ref = [DenseTarget(self.head, run_layers(self.layers, h, kw)) for h, kw in zip(h0, self.kws)]
         self.h0 = h0
         self.cache: list[list[torch.Tensor]] | None = None   # hidden states entering each layer, current state
 
@@ -116,7 +116,7 @@ class _Evaluator:
                     if keep:
                         kept[li - start].append(h)
                     h = self.layers[li](h, **kw[li])
-                total += kl(self.ref[j], self.head.logprobs(h))
+                total += self.ref[j].kl(h)
         finally:
             remove_hooks(hooks)
         return total / self.tokens, kept

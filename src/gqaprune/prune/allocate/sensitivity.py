@@ -41,7 +41,7 @@ from tqdm.auto import tqdm
 
 from gqaprune.models.layout import ModelLayout
 from gqaprune.prune.budget import solve_counts
-from gqaprune.prune.layerwise import Head, capture_layer_inputs, check_layers, kl, nll, remove_hooks, run_layers, \
+from gqaprune.prune.layerwise import DenseTarget, Head, capture_layer_inputs, check_layers, remove_hooks, run_layers, \
     zero_units
 
 log = logging.getLogger(__name__)
@@ -85,9 +85,11 @@ def layer_sensitivity(model, layout: ModelLayout, scores: list[dict], ids: torch
         hs = [[h for h, _ in batches]]
         for li, layer in enumerate(tqdm(layers, desc="sensitivity (dense pass)", disable=not progress, leave=False)):
             hs.append([layer(h, **kw[li]) for h, kw in zip(hs[-1], kws)])
-        ref = [head.logprobs(h) for h in hs.pop()]     # the final states are not needed any more
+        last = hs.pop()                                # the final states are not needed after this
+        ref = [DenseTarget(head, h) for h in last]
         n = sum(x.shape[0] * (x.shape[1] - 1) for x in id_batches)
-        base = sum(nll(lp, x) for lp, x in zip(ref, id_batches)) / n
+        base = sum(r.nll_kl(h, x)[0] for r, h, x in zip(ref, last, id_batches)) / n
+        del last
         out = []
         for i in tqdm(pruned, desc="sensitivity (per layer)", disable=not progress):
             k, m = counts[i]
@@ -98,9 +100,9 @@ def layer_sensitivity(model, layout: ModelLayout, scores: list[dict], ids: torch
             try:
                 for j, x in enumerate(id_batches):
                     h = run_layers(layers, hs[i][j], kws[j], start=i)
-                    lp = head.logprobs(h)
-                    nll_sum += nll(lp, x)
-                    kl_sum += kl(ref[j], lp)
+                    nll_j, kl_j = ref[j].nll_kl(h, x)
+                    nll_sum += nll_j
+                    kl_sum += kl_j
             finally:
                 remove_hooks(hooks)
             out.append({"layer": i, "probe_kv_removed": k, "probe_mlp_removed": int(m), "kl": kl_sum / n,
