@@ -103,12 +103,21 @@ def summary(data: dict) -> list[dict]:
         return []
     groups: dict[tuple, list] = {}
     seen = set()   # (recipe, ratio, seed): a seed pruned twice with the same settings counts once
-    for name, row in rows.items():
-        w128, w2048 = whole(ppl.get(name, {}), 128), whole(ppl.get(name, {}), 2048)
+    measured = {name: row for name, row in rows.items() if whole(ppl.get(name, {}), 128) and row.get("prune_s")}
+    # A row pruned by code that has since changed what a recipe's settings do (``superseded``: why) counts
+    # only where no row of today's code measures that recipe and ratio; the summary then says so.
+    today = {(current_recipe(r.get("recipe_record")), r["ratio"]) for r in measured.values() if not r.get("superseded")}
+    earlier: dict[tuple, set] = {}
+    for name, row in measured.items():
+        w128, w2048 = whole(ppl[name], 128), whole(ppl[name], 2048)
         rc = current_recipe(row.get("recipe_record"))   # by the settings that ran, so a candidate equal to a recipe counts as it
-        if w128 and row.get("prune_s") and rc and (rc, row["ratio"], row["seed"]) not in seen:
-            seen.add((rc, row["ratio"], row["seed"]))
-            groups.setdefault((rc, row["ratio"]), []).append((w128[0], w2048 and w2048[0], row["prune_s"]))
+        key = (rc, row["ratio"])
+        if not rc or (rc, row["ratio"], row["seed"]) in seen or (row.get("superseded") and key in today):
+            continue
+        seen.add((rc, row["ratio"], row["seed"]))
+        if row.get("superseded"):
+            earlier.setdefault(key, set()).add(row["superseded"])
+        groups.setdefault(key, []).append((w128[0], w2048 and w2048[0], row["prune_s"]))
     m = meta["machine"]
     long = {k: [x[1] for x in v if x[1]] for k, v in groups.items()}   # rows measured at window 2048 too
     return [{"recipe": rc, "ratio": ratio, "seeds": len(v), "model": meta["model"],
@@ -121,7 +130,8 @@ def summary(data: dict) -> list[dict]:
              "protocol": f"whole WikiText-2 test ({d128[1]:,} tokens scored at window 128), mean of {len(v)} "
                          f"calibration seed{'s' if len(v) > 1 else ''}"
                          + (f" (window 2048: {len(long[rc, ratio])} of them)"
-                            if long[rc, ratio] and len(long[rc, ratio]) < len(v) else ""),
+                            if long[rc, ratio] and len(long[rc, ratio]) < len(v) else "")
+                         + "".join(f"; pruned {why}" for why in sorted(earlier.get((rc, ratio), ()))),
              "machine": f"a {m['cores_visible']}-core CPU"} for (rc, ratio), v in sorted(groups.items())]
 
 
@@ -129,6 +139,8 @@ def label(row: dict) -> str:
     """The table's recipe cell: the recipe, a candidate's flags, and which of today's recipes the row is."""
     now, tag = current_recipe(row.get("recipe_record")), row.get("candidate")
     out = row["recipe"] + (f" + `{' '.join(CANDIDATES[tag])}`" if tag else "")
+    if row.get("superseded"):
+        out += f" (pruned {row['superseded']})"
     if now == row["recipe"] and not tag:
         return out
     if now:

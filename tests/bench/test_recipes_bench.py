@@ -51,6 +51,22 @@ def test_summary_groups_by_the_settings_that_ran(bench):
     assert s["x_dense_w128"] == pytest.approx(2.5)
 
 
+def test_rows_of_earlier_code_count_only_where_no_row_of_todays_code_does(bench):
+    bal = dict(RECIPES["balanced"])
+    old = lambda seed, ratio=0.2: {**_row(bal, seed), "ratio": ratio, "superseded": "before the change"}  # noqa: E731
+    data = {"meta": {"model": "m", "machine": {"cores_visible": 2}},
+            "rows": {"old 20 s0": old(0), "old 20 s1": old(1), "new 20 s0": _row(bal, 0), "old 50 s0": old(0, 0.5)},
+            "ppl": {"dense": _ppl(10.0), "old 20 s0": _ppl(40.0), "old 20 s1": _ppl(50.0), "new 20 s0": _ppl(20.0),
+                    "old 50 s0": _ppl(90.0)}}
+    s20, s50 = sorted(bench.summary(data), key=lambda x: x["ratio"])
+    # at 20% today's code measured seed 0: the earlier rows (seed 0 and seed 1) drop out
+    assert s20["seeds"] == 1 and s20["x_dense_w128_seeds"] == [2.0] and "pruned before" not in s20["protocol"]
+    # at 50% only earlier code measured it: the row counts, and the protocol says so
+    assert s50["seeds"] == 1 and s50["x_dense_w128"] == pytest.approx(9.0)
+    assert s50["protocol"].endswith("; pruned before the change")
+    assert "(pruned before the change)" in bench.label(data["rows"]["old 50 s0"])
+
+
 def test_candidate_tags_are_checked(bench):
     assert bench.parse_row("balanced:0.2:1:search40") == ("balanced", 0.2, 1, "search40")
     with pytest.raises(SystemExit, match="unknown candidate"):
