@@ -108,7 +108,7 @@ def summary(data: dict) -> list[dict]:
     # only where no row of today's code measures that recipe and ratio; the summary then says so.
     today = {(current_recipe(r.get("recipe_record")), r["ratio"]) for r in measured.values() if not r.get("superseded")}
     earlier: dict[tuple, set] = {}
-    for name, row in measured.items():
+    for name, row in sorted(measured.items(), key=lambda kv: kv[1]["seed"]):   # stable: a repeated seed's first row wins
         w128, w2048 = whole(ppl[name], 128), whole(ppl[name], 2048)
         rc = current_recipe(row.get("recipe_record"))   # by the settings that ran, so a candidate equal to a recipe counts as it
         key = (rc, row["ratio"])
