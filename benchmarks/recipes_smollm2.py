@@ -103,14 +103,16 @@ def summary(data: dict) -> list[dict]:
         return []
     groups: dict[tuple, list] = {}
     seen = set()   # (recipe, ratio, seed): a seed pruned twice with the same settings counts once
-    measured = {name: row for name, row in rows.items() if whole(ppl.get(name, {}), 128) and row.get("prune_s")}
+    # by the settings that ran, so a candidate equal to a recipe counts as it
+    recipe_of = {name: current_recipe(row.get("recipe_record")) for name, row in rows.items()
+                 if whole(ppl.get(name, {}), 128) and row.get("prune_s")}
     # A row pruned by code that has since changed what a recipe's settings do (``superseded``: why) counts
     # only where no row of today's code measures that recipe and ratio; the summary then says so.
-    today = {(current_recipe(r.get("recipe_record")), r["ratio"]) for r in measured.values() if not r.get("superseded")}
+    today = {(rc, rows[name]["ratio"]) for name, rc in recipe_of.items() if not rows[name].get("superseded")}
     earlier: dict[tuple, set] = {}
-    for name, row in sorted(measured.items(), key=lambda kv: kv[1]["seed"]):   # stable: a repeated seed's first row wins
+    for name in sorted(recipe_of, key=lambda n: rows[n]["seed"]):   # stable: a repeated seed's first row wins
+        row, rc = rows[name], recipe_of[name]
         w128, w2048 = whole(ppl[name], 128), whole(ppl[name], 2048)
-        rc = current_recipe(row.get("recipe_record"))   # by the settings that ran, so a candidate equal to a recipe counts as it
         key = (rc, row["ratio"])
         if not rc or (rc, row["ratio"], row["seed"]) in seen or (row.get("superseded") and key in today):
             continue

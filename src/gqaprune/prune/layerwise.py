@@ -223,29 +223,24 @@ class DenseTarget:
         b = head.head.bias
         self.pb = (p @ b.float()).double() if b is not None else 0.0  # (batch, seq-1)
 
-    def _logits(self, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        n = self.head.norm(h)[:, :-1]
-        return n, self.head.head(n).float()
-
     def kl(self, h: torch.Tensor) -> float:
         """Summed KL(dense || this) over the batch's positions; ``h``: the pruned model's last hidden states."""
-        if not self.linear:
-            return kl(self.logp, self.head.logprobs(h))
-        n, z = self._logits(h)
-        cross = (n.float() * self.u).sum(-1).double() + self.pb
-        return float((self.neg_entropy - cross + torch.logsumexp(z, -1).double()).sum())
+        return self.nll_kl(h)[1]
 
-    def nll_kl(self, h: torch.Tensor, ids: torch.Tensor) -> tuple[float, float]:
-        """(summed next-token NLL of ``ids``, summed KL(dense || this)) from the same logits."""
+    def nll_kl(self, h: torch.Tensor, ids: torch.Tensor | None = None) -> tuple[float | None, float]:
+        """(summed next-token NLL of ``ids``, or None without them; summed KL(dense || this)), from one set of logits."""
         if not self.linear:
             logp = self.head.logprobs(h)
-            return nll(logp, ids), kl(self.logp, logp)
-        n, z = self._logits(h)
+            return (nll(logp, ids) if ids is not None else None), kl(self.logp, logp)
+        n = self.head.norm(h)[:, :-1]
+        z = self.head.head(n).float()                                 # (batch, seq-1, vocab)
         lse = torch.logsumexp(z, -1).double()
-        tgt = ids[:, 1:].to(z.device)
-        nll_sum = float((lse - z.gather(-1, tgt[..., None])[..., 0].double()).sum())
         cross = (n.float() * self.u).sum(-1).double() + self.pb
-        return nll_sum, float((self.neg_entropy - cross + lse).sum())
+        kl_sum = float((self.neg_entropy - cross + lse).sum())
+        if ids is None:
+            return None, kl_sum
+        tgt = ids[:, 1:].to(z.device)
+        return float((lse - z.gather(-1, tgt[..., None])[..., 0].double()).sum()), kl_sum
 
 
 def nll(logp: torch.Tensor, ids: torch.Tensor) -> float:
