@@ -2,7 +2,8 @@
 # Times the README's first-screen commands on this machine (run it with nothing else running):
 #   bash benchmarks/readme_times.sh [OUT_DIR]        (RUNS="prune" bash ... for a subset)
 # the prune command on the whole WikiText-2 test, then the quick variant (--ppl-max-tokens 32768), then
-# the prune alone (no perplexity passes: the recipe's own cost, which the 3x prune-time rule is about);
+# the prune alone (no perplexity passes: the recipe's own cost, which the 3x prune-time rule is about),
+# and `fast` alone (that rule's yardstick: the default until 2026-12-01);
 # each line of benchmarks/results/readme_times.md comes from /usr/bin/time's wall seconds here.
 # (Install and test times come from `.ci/run`, whose pytest line prints its own duration.)
 set -euo pipefail
@@ -21,12 +22,13 @@ run() {  # name, then the gqaprune arguments
   echo
   echo "| run | command | wall s |"
   echo "|---|---|---:|"
-  for r in ${RUNS:-full quick prune}; do
+  for r in ${RUNS:-full quick prune fast}; do
     case $r in
       full) run full --model smollm2-135m --pruning-ratio 0.2 --output "$OUT/full" --eval-ppl wikitext2 ;;
       quick) run quick --model smollm2-135m --pruning-ratio 0.2 --output "$OUT/quick" --eval-ppl wikitext2 --ppl-max-tokens 32768 ;;
       prune) run prune --model smollm2-135m --pruning-ratio 0.2 --output "$OUT/prune" ;;
-      *) echo "RUNS: unknown run $r (full, quick, prune)" >&2; exit 2 ;;
+      fast) run fast --model smollm2-135m --pruning-ratio 0.2 --recipe fast --output "$OUT/fast" ;;
+      *) echo "RUNS: unknown run $r (full, quick, prune, fast)" >&2; exit 2 ;;
     esac
   done
 }
