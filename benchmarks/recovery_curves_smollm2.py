@@ -110,13 +110,19 @@ def train(a, method: str, student: str, lr: float, tokens: int, folder: Path, po
 
     summary = folder / "finetune_summary.json"
     if not (summary.is_file() and json.loads(summary.read_text()).get("status") == "completed"):
+        from gqaprune.recover.run_dir import last_checkpoint
+
         steps = steps_for(tokens)
         alpha, temp = DISTILL.get(method, (0.5, 2.0))
+        # a run stopped part-way (the session's time, Ctrl-C) continues from its newest checkpoint, written
+        # at every curve point; a folder without one is started again
+        resume = "last" if last_checkpoint(folder) else None
         opts = FinetuneOptions(
-            prune_model=student, output_dir=str(folder), overwrite=folder.exists(), data_path="yahma/alpaca-cleaned",
+            prune_model=student, output_dir=str(folder), overwrite=folder.exists() and resume is None,
+            resume_from_checkpoint=resume, data_path="yahma/alpaca-cleaned",
             batch_size=BATCH, micro_batch_size=BATCH, packing=True, cutoff_len=256, val_set_size=0,
             max_train_samples=steps * BATCH + 64, max_steps=steps, warmup_steps=steps // 10,
-            learning_rate=lr, eval_steps=max(1, steps // points), save_steps=steps, save_total_limit=1,
+            learning_rate=lr, eval_steps=max(1, steps // points), save_steps=max(1, steps // points), save_total_limit=1,
             logging_steps=max(1, steps // points), extra_val_dataset=list(corpora),
             extra_val_max_tokens=a.curve_tokens, seed=0, full_finetune=method == "full",
             distill_from=a.teacher if method in DISTILL else None, distill_alpha=alpha, distill_temperature=temp,
@@ -138,7 +144,9 @@ def train(a, method: str, student: str, lr: float, tokens: int, folder: Path, po
                     pt[name] = r[k]
     for pt in curve:
         pt["tokens"] = tokens_at.get(pt["step"], 0 if pt["step"] == 0 else None)
-    return {"lr": lr, "folder": str(folder), "steps": s["global_step"], "train_tokens": s["train_tokens"],
+    # tokens trained: the curve's last count, which runs on across a resumption (the summary's is this invocation's)
+    trained = max((t for t in tokens_at.values() if t is not None), default=s["train_tokens"])
+    return {"lr": lr, "folder": str(folder), "steps": s["global_step"], "train_tokens": trained,
             "train_s": s["train_seconds"], "tokens_per_s": s["tokens_per_second"], "status": s["status"],
             "final_train_loss": s["final_train_loss"], "curve": sorted(curve, key=lambda c: c["step"]),
             "method_record": {"full": s.get("method") == "full", "distill": s.get("distill")}}

@@ -180,6 +180,12 @@ def test_resume_continues_same_steps_and_data_order(tmp_path, records_path):
     assert sorted(losses) == [1, 2, 3, 4, 5, 6]        # step 5's old line was dropped, not duplicated
     for s in (5, 6):
         assert losses[s] == pytest.approx(ref_losses[s], rel=1e-5, abs=1e-6), (s, losses, ref_losses)
+    # the curves' x axis counts from the run's start across the resume, as the uninterrupted run's does;
+    # the summary's train_tokens (the throughput's numerator) is this invocation's steps 5-6 only
+    def tokens(folder):
+        return {r["step"]: r["train/tokens_seen"] for r in read_metrics(folder) if "train/tokens_seen" in r}
+    assert tokens(run)[6] == tokens(tmp_path / "ref")[6] > tokens(run)[4] > 0
+    assert res.train_tokens == tokens(run)[6] - tokens(run)[4]
     new = (run / "samples_rank0.txt").read_text().splitlines()[n_before:]
     assert new[:2] == ref_samples[4:6]
     a = load_file(run / "adapter_model.safetensors")

@@ -140,9 +140,9 @@ class LoRATrainer(SequentialEvalSampler, TimedCheckpointSave, Trainer):
             return self.teacher(**t_in, use_cache=False).logits
 
     def log(self, logs, *args, **kwargs):
-        # x axis of PPL-against-training-tokens curves: real tokens this process has trained on in this
-        # invocation (a resumed run counts from its resume point)
-        logs.setdefault("train_tokens_seen", self.tokens_seen)
+        # x axis of PPL-against-training-tokens curves: real tokens this process has trained on since the run
+        # began, resumptions included (kept in the checkpoint's trainer state; see training_step)
+        logs.setdefault("train_tokens_seen", self.state.num_input_tokens_seen)
         if "loss" in logs and self._distill_sums is not None and self._distill_sums[2] > 0:
             kl_total, ce_total, n = self._distill_sums
             logs["distill_kl"] = kl_total / n    # KL(teacher || student) at temperature T, per token
@@ -177,7 +177,12 @@ class LoRATrainer(SequentialEvalSampler, TimedCheckpointSave, Trainer):
         ids = inputs["input_ids"]
         self.positions_seen += ids.numel()
         # packed batches have no padding and no attention mask
-        self.tokens_seen += int(inputs["attention_mask"].sum()) if "attention_mask" in inputs else ids.numel()
+        n = int(inputs["attention_mask"].sum()) if "attention_mask" in inputs else ids.numel()
+        self.tokens_seen += n          # this invocation: the throughput's numerator
+        # since the run began: TrainerState saves it in every checkpoint and restores it on resume. The field is
+        # transformers' own, filled by it only under include_num_input_tokens_seen, which gqaprune leaves "no"
+        # (its non-padding count compares ids with pad_token_id, wrong for packed rows that hold that id).
+        self.state.num_input_tokens_seen += n
         loss = super().training_step(model, inputs, num_items_in_batch)
         bad = torch.tensor(0.0 if torch.isfinite(loss).all() else 1.0, device=loss.device)
         if self.args.world_size > 1:
@@ -364,6 +369,7 @@ def training_arguments(opts, *, accum: int, device: torch.device, gc: bool, bf16
         save_steps=opts.save_steps,
         save_total_limit=opts.save_total_limit,
         report_to="none",                  # MetricsSink logs metrics.jsonl / W&B / TensorBoard itself
+        include_num_input_tokens_seen="no",  # GQAPruneTrainer.training_step keeps state.num_input_tokens_seen
         seed=opts.seed,
         data_seed=opts.seed,
         remove_unused_columns=False,
