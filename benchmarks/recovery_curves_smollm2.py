@@ -231,15 +231,25 @@ def render(data: dict, stem: Path) -> None:
             for lr, r in sorted(pts.items(), key=lambda kv: float(kv[0])):
                 L.append(f"| {m} | {float(lr):g} | {r['val']:.2f} | {r['tokens']:,} | {'yes' if r['lr'] == best else ''} |")
         L.append("")
+    # window 2048 beside 128 where the final models were measured at it (--final A2048,B2048)
+    d2048 = whole(ppl.get("dense", {}), 2048)
+    long = d2048 is not None and any(whole(ppl.get(m, {}), 2048) for m in runs)
+
+    def w2048(name: str) -> str:
+        w = whole(ppl.get(name, {}), 2048)
+        return f" {w[0]:.2f} | {w[0] / d2048[0]:.2f} |" if w and d2048 else " | |"
+
     L += ["## Results", "", "| method | lr | tokens trained | train tok/s | val PPL end | WikiText-2 PPL (whole test, w128) "
-          "| × dense | A / B | tier |", "|---|---:|---:|---:|---:|---:|---:|---|---|"]
+          "| × dense | A / B | tier |" + (" w2048 whole | × dense |" if long else ""),
+          "|---|---:|---:|---:|---:|---:|---:|---|---|" + ("---:|---:|" if long else "")]
     if d128:
         L.append(f"| dense | | | | {ppl['dense'].get('val', {}).get('ppl', float('nan')):.2f} | {d128[0]:.2f} | 1.00 | "
-                 f"{ppl['dense']['A128']['ppl']:.2f} / {ppl['dense']['B128']['ppl']:.2f} | |")
+                 f"{ppl['dense']['A128']['ppl']:.2f} / {ppl['dense']['B128']['ppl']:.2f} | |"
+                 + (w2048("dense") if long else ""))
     if s128 and d128:
         L.append(f"| pruned, no recovery | | 0 | | {ppl['student'].get('val', {}).get('ppl', float('nan')):.2f} | "
                  f"{s128[0]:.2f} | {s128[0] / d128[0]:.2f} | {ppl['student']['A128']['ppl']:.2f} / "
-                 f"{ppl['student']['B128']['ppl']:.2f} | {tiers(d128[0], s128[0])} |")
+                 f"{ppl['student']['B128']['ppl']:.2f} | {tiers(d128[0], s128[0])} |" + (w2048("student") if long else ""))
     for m, r in runs.items():
         w = whole(ppl.get(m, {}), 128)
         end = r["curve"][-1].get("val") if r.get("curve") else None
@@ -247,7 +257,8 @@ def render(data: dict, stem: Path) -> None:
                  f"{ppl[m]['A128']['ppl']:.2f} / {ppl[m]['B128']['ppl']:.2f}", tiers(d128[0], w[0])] \
             if w and d128 else ["not measured (time)", "", "", ""]
         L.append(f"| {m} | {r['lr']:g} | {r['train_tokens']:,} | {r['tokens_per_s']:.0f} | "
-                 f"{'' if end is None else format(end, '.2f')} | " + " | ".join(cells) + " |")
+                 f"{'' if end is None else format(end, '.2f')} | " + " | ".join(cells) + " |"
+                 + (w2048(m) if long else ""))
     zs = data.get("zeroshot", {})
     if zs:
         tasks = sorted({t for z in zs.values() for t in z["tasks"]})
