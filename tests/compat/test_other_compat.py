@@ -85,3 +85,24 @@ def test_every_compat_module_names_its_target_version(mod):
 
     m = importlib.import_module(f"gqaprune.compat.{mod}")
     assert m.TARGET and "without" in m.__doc__.lower()   # the version it targets, what breaks without it
+
+
+def test_llama_cpp_no_extra_buffers_turns_the_field_off_for_the_block_only():
+    """The AMX work-around (compat/llama_cpp.py): inside the block Llama() would get default model params
+    with use_extra_bufts off; outside, llama.cpp's own default; the CPU test reads /proc/cpuinfo flags."""
+    pytest.importorskip("llama_cpp", reason="llama-cpp-python is not installed (pip install llama-cpp-python)")
+    import llama_cpp.llama as llama_py
+
+    from gqaprune.compat import llama_cpp as lc
+
+    assert "use_extra_bufts" in {f[0] for f in llama_py.llama_cpp.llama_model_params._fields_}, \
+        f"llama-cpp-python dropped use_extra_bufts: update compat/llama_cpp.py (targets {lc.TARGET})"
+    default = llama_py.llama_cpp.llama_model_default_params().use_extra_bufts
+    assert default is True
+    with lc.no_extra_buffers(True) as on:
+        assert on and llama_py.llama_cpp.llama_model_default_params().use_extra_bufts is False
+    assert llama_py.llama_cpp.llama_model_default_params().use_extra_bufts is True
+    with lc.no_extra_buffers(False) as on:
+        assert not on and llama_py.llama_cpp.llama_model_default_params().use_extra_bufts is True
+    assert lc.cpu_has_amx("processor : 0\nflags : fpu avx2 avx512f amx_tile amx_int8\n")
+    assert not lc.cpu_has_amx("processor : 0\nflags : fpu avx2 avx512f\n")

@@ -31,10 +31,13 @@ def load(path, *, n_ctx: int = 2048, threads: int | None = None, f32_cache: bool
     llama_cpp()   # installed? (a message that says how to install it)
     from llama_cpp import Llama
 
+    from gqaprune.compat.llama_cpp import no_extra_buffers
+
     kw = {"type_k": GGML_TYPE_F32, "type_v": GGML_TYPE_F32} if f32_cache else {}
     try:
-        return Llama(str(path), n_ctx=n_ctx, n_batch=n_ctx, n_ubatch=n_ctx, logits_all=logits_all, verbose=False,
-                     n_threads=threads, n_threads_batch=threads, **kw)
+        with no_extra_buffers():   # llama.cpp's AMX buffers crash on quantized files (compat/llama_cpp.py)
+            return Llama(str(path), n_ctx=n_ctx, n_batch=n_ctx, n_ubatch=n_ctx, logits_all=logits_all,
+                         verbose=False, n_threads=threads, n_threads_batch=threads, **kw)
     except ValueError as e:   # llama-cpp-python's "Failed to load model from file"
         raise GQAPruneError(f"llama.cpp could not load {path} ({e}); run with verbose llama.cpp logs to see why") from e
 
