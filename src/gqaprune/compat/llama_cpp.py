@@ -1,7 +1,7 @@
 """llama-cpp-python: load a GGUF without llama.cpp's AMX weight buffers on CPUs that have AMX.
 
 Targets llama-cpp-python 0.3.36 (llama.cpp's ``llama_model_params.use_extra_bufts``, the switch behind
-llama.cpp's ``--no-extra-bufts``). On a CPU with AMX (Intel Sapphire Rapids and later) llama.cpp built
+llama.cpp's ``--no-repack`` / ``-nr``). On a CPU with AMX (Intel Sapphire Rapids and later) llama.cpp built
 natively repacks quantized weights (q8_0, Q4_K_M, ...) into an AMX buffer, and its matmul there
 segfaults on our models (ggml-org/llama.cpp#20824, open; reproduced here on a 2-core Xeon with
 amx_int8: the tiny test models' q8_0 and Q4_K_M files crash the process, f32/f16 run). Without the
