@@ -145,7 +145,7 @@ def train(a, method: str, student: str, lr: float, tokens: int, folder: Path, po
     for pt in curve:
         pt["tokens"] = tokens_at.get(pt["step"], 0 if pt["step"] == 0 else None)
     # tokens trained: the curve's last count, which runs on across a resumption (the summary's is this invocation's)
-    trained = max((t for t in tokens_at.values() if t is not None), default=s["train_tokens"])
+    trained = max(tokens_at.values(), default=s["train_tokens"])
     return {"lr": lr, "folder": str(folder), "steps": s["global_step"], "train_tokens": trained,
             "train_s": s["train_seconds"], "tokens_per_s": s["tokens_per_second"], "status": s["status"],
             "final_train_loss": s["final_train_loss"], "curve": sorted(curve, key=lambda c: c["step"]),
@@ -203,7 +203,9 @@ def render(data: dict, stem: Path) -> None:
     d128 = whole(ppl.get("dense", {}), 128)
     s128 = whole(ppl.get("student", {}), 128)
     a = meta["args"]
-    L = ["# SmolLM2-135M pruned 20%: recovery methods at equal training-token budgets", "",
+    what = (f"{next(iter(runs))} for {a['tokens']:,} training tokens" if len(runs) == 1
+            else "recovery methods at equal training-token budgets")
+    L = [f"# SmolLM2-135M, {data.get('student_desc', 'pruned')}: {what}", "",
          f"- date: {meta['date']}; command: `{meta['command']}` (git {meta['machine'].get('git')})",
          *[f"- earlier invocation: {e['date']}, `{e['command']}`" for e in data.get("earlier_runs", [])],
          f"- machine: {meta['machine']['cpu']}, {meta['machine']['cores_visible']} cores, torch "
@@ -236,20 +238,19 @@ def render(data: dict, stem: Path) -> None:
     long = d2048 is not None and any(whole(ppl.get(m, {}), 2048) for m in runs)
 
     def w2048(name: str) -> str:
-        w = whole(ppl.get(name, {}), 2048)
-        return f" {w[0]:.2f} | {w[0] / d2048[0]:.2f} |" if w and d2048 else " | |"
+        w = whole(ppl.get(name, {}), 2048) if long else None
+        return f" {w[0]:.2f} | {w[0] / d2048[0]:.2f} |" if w else (" | |" if long else "")
 
     L += ["## Results", "", "| method | lr | tokens trained | train tok/s | val PPL end | WikiText-2 PPL (whole test, w128) "
           "| × dense | A / B | tier |" + (" w2048 whole | × dense |" if long else ""),
           "|---|---:|---:|---:|---:|---:|---:|---|---|" + ("---:|---:|" if long else "")]
     if d128:
         L.append(f"| dense | | | | {ppl['dense'].get('val', {}).get('ppl', float('nan')):.2f} | {d128[0]:.2f} | 1.00 | "
-                 f"{ppl['dense']['A128']['ppl']:.2f} / {ppl['dense']['B128']['ppl']:.2f} | |"
-                 + (w2048("dense") if long else ""))
+                 f"{ppl['dense']['A128']['ppl']:.2f} / {ppl['dense']['B128']['ppl']:.2f} | |" + w2048("dense"))
     if s128 and d128:
         L.append(f"| pruned, no recovery | | 0 | | {ppl['student'].get('val', {}).get('ppl', float('nan')):.2f} | "
                  f"{s128[0]:.2f} | {s128[0] / d128[0]:.2f} | {ppl['student']['A128']['ppl']:.2f} / "
-                 f"{ppl['student']['B128']['ppl']:.2f} | {tiers(d128[0], s128[0])} |" + (w2048("student") if long else ""))
+                 f"{ppl['student']['B128']['ppl']:.2f} | {tiers(d128[0], s128[0])} |" + w2048("student"))
     for m, r in runs.items():
         w = whole(ppl.get(m, {}), 128)
         end = r["curve"][-1].get("val") if r.get("curve") else None
@@ -257,8 +258,7 @@ def render(data: dict, stem: Path) -> None:
                  f"{ppl[m]['A128']['ppl']:.2f} / {ppl[m]['B128']['ppl']:.2f}", tiers(d128[0], w[0])] \
             if w and d128 else ["not measured (time)", "", "", ""]
         L.append(f"| {m} | {r['lr']:g} | {r['train_tokens']:,} | {r['tokens_per_s']:.0f} | "
-                 f"{'' if end is None else format(end, '.2f')} | " + " | ".join(cells) + " |"
-                 + (w2048(m) if long else ""))
+                 f"{'' if end is None else format(end, '.2f')} | " + " | ".join(cells) + " |" + w2048(m))
     zs = data.get("zeroshot", {})
     if zs:
         tasks = sorted({t for z in zs.values() for t in z["tasks"]})

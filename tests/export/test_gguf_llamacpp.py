@@ -112,3 +112,17 @@ def test_quantized_files_run_in_llama_cpp(tmp_path, how):
     assert proc.returncode == 0, f"llama.cpp crashed on {target.name} (rc {proc.returncode}): {proc.stderr[-2000:]}"
     res = json.loads(proc.stdout.strip().splitlines()[-1])
     assert res["finite"] and len(res["argmax"]) == len(IDS)
+
+
+def test_bench_gguf_times_quantized_files_and_records_the_repack_setting(tmp_path):
+    """`gqaprune bench --engine llama.cpp` on a q8_0 file: the timings are there, and the meta says whether
+    llama.cpp's weight repacking was off (an AMX CPU, compat/llama_cpp.py) so the speeds name it."""
+    from gqaprune.bench.command import BenchOptions, bench_gguf
+    from gqaprune.compat.llama_cpp import repack_off
+
+    out = tmp_path / "m.gguf"
+    _export(save_dense(tmp_path / "m"), out, "--outtype", "q8_0")
+    res = bench_gguf(BenchOptions(models=[str(out)], engine="llama.cpp", prompt_len=8, new_tokens=4, repeats=1, batch_sizes=[1],
+                                  threads=1))
+    assert res.meta["llama_cpp_repack"] == ("off (AMX CPU; compat/llama_cpp.py)" if repack_off() else "on")
+    assert len(res.rows) == 1

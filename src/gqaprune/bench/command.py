@@ -280,6 +280,7 @@ def bench_gguf(opts: BenchOptions) -> BenchResult:
 
     from gqaprune.bench import llamacpp
     from gqaprune.bench.flops import gguf_shape
+    from gqaprune.compat.llama_cpp import repack_off
 
     names = _unique_names(list(opts.models))
     threads = opts.threads or os.cpu_count() or 1
@@ -302,7 +303,8 @@ def bench_gguf(opts: BenchOptions) -> BenchResult:
                          device=f"cpu, llama.cpp {threads} threads", dtype=_gguf_type(path), wbytes=wbytes))
     _fill_ratios(rows, names[0])
     meta = {"date": datetime.now(timezone.utc).isoformat(timespec="seconds"), "engine": "llama.cpp",
-            "llama_cpp_python": llama_cpp.__version__, "threads": threads, "baseline": names[0], "models": names,
+            "llama_cpp_python": llama_cpp.__version__,
+            "llama_cpp_repack": "off (AMX CPU; compat/llama_cpp.py)" if repack_off() else "on", "threads": threads, "baseline": names[0], "models": names,
             "prompt_len": opts.prompt_len, "new_tokens": opts.new_tokens, "batch_sizes": [1], "repeats": opts.repeats,
             "warmup": opts.warmup, "device": "cpu", "processor": platform.processor() or platform.machine(),
             "cpu_threads": threads, "dtype": "per model", "torch": torch.__version__, "transformers": "-"}

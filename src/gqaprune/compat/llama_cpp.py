@@ -32,14 +32,20 @@ def cpu_has_amx(cpuinfo: str | None = None) -> bool:
     return "amx_int8" in flags or "amx_tile" in flags
 
 
+def repack_off() -> bool:
+    """Whether gqaprune loads GGUFs with llama.cpp's extra buffer types off on this machine (an AMX CPU);
+    ``gqaprune bench`` records it, since it changes quantized files' speed."""
+    return cpu_has_amx()
+
+
 @contextlib.contextmanager
 def no_extra_buffers(enabled: bool | None = None):
     """Within the block, ``llama_cpp.Llama(...)`` loads with ``use_extra_bufts = False``; ``enabled`` None:
-    only where the CPU has AMX. A llama-cpp-python without the field is left alone (said in the log)."""
+    ``repack_off()``. A llama-cpp-python without the field is left alone (said in the log)."""
     import llama_cpp.llama as llama_py   # the module whose ``llama_cpp`` name Llama.__init__ calls through
 
     if enabled is None:
-        enabled = cpu_has_amx()
+        enabled = repack_off()
     lib = llama_py.llama_cpp
     orig = lib.llama_model_default_params
     if not enabled or "use_extra_bufts" not in {f[0] for f in lib.llama_model_params._fields_}:

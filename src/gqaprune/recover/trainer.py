@@ -369,7 +369,7 @@ def training_arguments(opts, *, accum: int, device: torch.device, gc: bool, bf16
         save_steps=opts.save_steps,
         save_total_limit=opts.save_total_limit,
         report_to="none",                  # MetricsSink logs metrics.jsonl / W&B / TensorBoard itself
-        include_num_input_tokens_seen="no",  # GQAPruneTrainer.training_step keeps state.num_input_tokens_seen
+        include_num_input_tokens_seen="no",  # LoRATrainer.training_step keeps state.num_input_tokens_seen
         seed=opts.seed,
         data_seed=opts.seed,
         remove_unused_columns=False,
