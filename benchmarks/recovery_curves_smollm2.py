@@ -207,7 +207,8 @@ def render(data: dict, stem: Path) -> None:
             else "recovery methods at equal training-token budgets")
     L = [f"# SmolLM2-135M, {data.get('student_desc', 'pruned')}: {what}", "",
          f"- date: {meta['date']}; command: `{meta['command']}` (git {meta['machine'].get('git')})",
-         *[f"- earlier invocation: {e['date']}, `{e['command']}`" for e in data.get("earlier_runs", [])],
+         *[f"- earlier invocation: {e['date']}, `{e['command']}`" + (f" (on {e['cpu']})" if e.get("cpu") else "")
+           for e in data.get("earlier_runs", [])],
          f"- machine: {meta['machine']['cpu']}, {meta['machine']['cores_visible']} cores, torch "
          f"{meta['machine']['torch']}, fp32 on CPU; also running: {meta.get('also_running')}",
          f"- student: `{a['student']}` ({data.get('student_desc', '')}); teacher `{a['teacher']}`",
@@ -251,13 +252,15 @@ def render(data: dict, stem: Path) -> None:
         L.append(f"| pruned, no recovery | | 0 | | {ppl['student'].get('val', {}).get('ppl', float('nan')):.2f} | "
                  f"{s128[0]:.2f} | {s128[0] / d128[0]:.2f} | {ppl['student']['A128']['ppl']:.2f} / "
                  f"{ppl['student']['B128']['ppl']:.2f} | {tiers(d128[0], s128[0])} |" + w2048("student"))
+    cpus = {r.get("cpu") for r in runs.values()}   # runs trained on different machines: name each beside tokens/s
     for m, r in runs.items():
         w = whole(ppl.get(m, {}), 128)
+        speed = f"{r['tokens_per_s']:.0f}" + (f" ({r.get('cpu') or 'machine not recorded'})" if len(cpus) > 1 else "")
         end = r["curve"][-1].get("val") if r.get("curve") else None
         cells = [f"{w[0]:.2f}", f"{w[0] / d128[0]:.2f}",
                  f"{ppl[m]['A128']['ppl']:.2f} / {ppl[m]['B128']['ppl']:.2f}", tiers(d128[0], w[0])] \
             if w and d128 else ["not measured (time)", "", "", ""]
-        L.append(f"| {m} | {r['lr']:g} | {r['train_tokens']:,} | {r['tokens_per_s']:.0f} | "
+        L.append(f"| {m} | {r['lr']:g} | {r['train_tokens']:,} | {speed} | "
                  f"{'' if end is None else format(end, '.2f')} | " + " | ".join(cells) + " |" + w2048(m))
     zs = data.get("zeroshot", {})
     if zs:
@@ -321,7 +324,8 @@ def main(argv=None) -> int:
         render(data, stem)
         return 0
     if "meta" in data:
-        data.setdefault("earlier_runs", []).append({k: data["meta"][k] for k in ("date", "command")})
+        data.setdefault("earlier_runs", []).append({"date": data["meta"]["date"], "command": data["meta"]["command"],
+                                                    "cpu": data["meta"]["machine"]["cpu"]})
     data["meta"] = run_meta(args=vars(a), also_running=a.also_running)
     work = Path(a.work)
     work.mkdir(parents=True, exist_ok=True)
@@ -366,6 +370,7 @@ def main(argv=None) -> int:
             runs[m] = train(a, "lora" if m == "recon+lora" else m, student, chosen[m], a.tokens,
                             work / f"run_{m.replace('+', '_')}", points=a.points)
             runs[m]["wall_s"] = round(time.perf_counter() - t, 1)
+            runs[m]["cpu"] = data["meta"]["machine"]["cpu"]   # tokens/s compare only on one kind of machine
             log(f"{m}: {runs[m]['train_tokens']:,} tokens, {runs[m]['tokens_per_s']:.0f} tok/s; curve "
                 f"{[round(c.get('val', math.nan), 2) for c in runs[m]['curve']]}")
             save()
