@@ -24,7 +24,8 @@ whole WikiText-2 test at window 128 (as two halves, exactly the one-pass PPL) an
 on the seven zero-shot tasks.
 
 Resumable: each sweep point, run, merge and measurement is saved to OUT.json when it finishes, and a
-finished fine-tuning folder is reused. ``--render`` redraws the Markdown and the PNG from the JSON.
+finished fine-tuning folder is reused. ``--sweep-from`` takes the sweep points another results file of
+this script measured on the same student. ``--render`` redraws the Markdown and the PNG from the JSON.
 """
 
 from __future__ import annotations
@@ -65,6 +66,9 @@ def parse_args(argv=None):
     p.add_argument("--reuse", default="benchmarks/results/recipes_smollm2.json",
                    help="take the dense model's and the student's whole-test measurements from this results file when "
                         "it has them (the same Measurer on the same token ids); '' to measure them again")
+    p.add_argument("--sweep-from", default="", metavar="FILE",
+                   help="take the learning-rate sweep points of another results file of this script where its "
+                        "student, --sweep-tokens and --curve-tokens are this run's (the same sweep); they are not run again")
     p.add_argument("--zeroshot", action="store_true", help="also the seven zero-shot tasks of each final model")
     p.add_argument("--zeroshot-limit", type=int, default=500)
     p.add_argument("--work", default="prune_log/recovery_curves", help="folder for the runs (not committed)")
@@ -100,6 +104,26 @@ def reuse(a, data: dict) -> None:
         if got:
             data.setdefault("ppl", {}).setdefault(mine, {}).update(got)
             data.setdefault("reused", {})[mine] = f"{path.name}: row {theirs!r}"
+
+
+def reuse_sweep(a, data: dict) -> None:
+    """Copy the sweep points of ``--sweep-from`` (another results file of this script, same student and protocol)."""
+    if not a.sweep_from:
+        return
+    src = json.loads(Path(a.sweep_from).read_text())
+    theirs = src.get("meta", {}).get("args", {})
+    same = (Path(theirs.get("student", "")).resolve() == Path(a.student).resolve()
+            and (theirs.get("sweep_tokens"), theirs.get("curve_tokens")) == (a.sweep_tokens, a.curve_tokens))
+    if not same:
+        raise SystemExit(f"--sweep-from {a.sweep_from}: its student or sweep protocol ({theirs.get('student')}, "
+                         f"{theirs.get('sweep_tokens')} sweep tokens, {theirs.get('curve_tokens')} curve tokens) is "
+                         "not this run's; leave it out to run the sweep")
+    for m, pts in src.get("sweep", {}).items():
+        mine = data.setdefault("sweep", {}).setdefault(m, {})
+        new = {lr: r for lr, r in pts.items() if lr not in mine}
+        if new:
+            mine.update(new)
+            data.setdefault("sweep_reused", {})[m] = Path(a.sweep_from).name
 
 
 def train(a, method: str, student: str, lr: float, tokens: int, folder: Path, points: int,
@@ -224,7 +248,9 @@ def render(data: dict, stem: Path) -> None:
          "- tiers: the seed guide's limits scaled by dense / 19.66 (minimum < 1.53x dense, ideal < 1.27x, "
          "perfect 0.97-1.12x), on the whole-test window-128 PPL",
          *[f"- {k}'s whole-test halves taken from {v} (the same measurement code on the same token ids)"
-           for k, v in data.get("reused", {}).items()], ""]
+           for k, v in data.get("reused", {}).items()],
+         *[f"- {k}'s learning-rate sweep points taken from {v} (the same student, sweep and curve tokens)"
+           for k, v in data.get("sweep_reused", {}).items()], ""]
     sw = data.get("sweep", {})
     if sw:
         L += ["## Learning-rate choice (validation)", "", "| method | lr | val PPL | tokens | chosen |",
@@ -341,6 +367,7 @@ def main(argv=None) -> int:
     data["student_desc"] = (f"{prov.get('reduction', 0):.1%} of parameters removed, recipe "
                             f"{(prov.get('recipe') or {}).get('name')}")
     reuse(a, data)
+    reuse_sweep(a, data)
     measure = Measurer(a.curve_tokens, ["val"], data, save)
     measure("dense", a.teacher)
     measure("student", a.student)
