@@ -153,7 +153,8 @@ class Measurer:
         r = self.data.setdefault("ppl", {}).setdefault(name, {})
         if all(k in r for k in keys):
             return
-        model, tok = load_model(ref, dtype="fp32", device="cpu")
+        # ref: a model reference, or a function giving one (called only when something is left to measure)
+        model, tok = load_model(ref() if callable(ref) else ref, dtype="fp32", device="cpu")
         self.token_ids(tok)   # every checkpoint carries the source tokenizer: the same ids for every row
         for key in keys:
             if key in r:

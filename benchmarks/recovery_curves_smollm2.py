@@ -24,8 +24,11 @@ whole WikiText-2 test at window 128 (as two halves, exactly the one-pass PPL) an
 on the seven zero-shot tasks.
 
 Resumable: each sweep point, run, merge and measurement is saved to OUT.json when it finishes, and a
-finished fine-tuning folder is reused. ``--sweep-from`` takes the sweep points another results file of
-this script measured on the same student. ``--render`` redraws the Markdown and the PNG from the JSON.
+finished fine-tuning folder is reused. A run whose folder is gone (a new machine) but whose measurements
+are in the JSON is trained again only when its model is needed (``--zeroshot``): same settings, and the
+new curve's largest relative difference from the recorded one is saved beside it (``retrained``).
+``--sweep-from`` takes the sweep points another results file of this script measured on the same student.
+``--render`` redraws the Markdown and the PNG from the JSON.
 """
 
 from __future__ import annotations
@@ -38,7 +41,7 @@ import sys
 import time
 from pathlib import Path
 
-from _common import Measurer, log, prune_once, run_meta, whole, write_markdown  # noqa: E402  (benchmarks/ on sys.path)
+from _common import Measurer, cpu_name, log, prune_once, run_meta, whole, write_markdown  # noqa: E402  (benchmarks/ on sys.path)
 
 METHODS = ("lora", "kl", "mixed", "full", "recon+lora")
 DISTILL = {"kl": (1.0, 1.0), "mixed": (0.5, 2.0)}   # method -> (alpha, temperature)
@@ -176,12 +179,38 @@ def train(a, method: str, student: str, lr: float, tokens: int, folder: Path, po
             "method_record": {"full": s.get("method") == "full", "distill": s.get("distill")}}
 
 
-def final_model(method: str, student: str, run: dict) -> str:
-    """The recovered model as a checkpoint: the full run's own, or the adapter merged into its student."""
+def retrain(a, method: str, student: str, run: dict) -> None:
+    """The run's folder is gone (a new machine, a cleaned work folder) but its measurements are in the JSON:
+    train it again with the recorded settings (same records, seed, rate and steps) and record how the new
+    curve compares with the recorded one, so that what is measured on the new model (zero-shot, say) is
+    attributable to the recorded run, or visibly is not. The recorded curve stays the one reported."""
+    if steps_for(a.tokens) != run["steps"]:
+        raise SystemExit(f"{method}: --tokens {a.tokens} gives {steps_for(a.tokens)} steps, the recorded run took "
+                         f"{run['steps']}; give the recorded run's --tokens to train it again")
+    t = time.perf_counter()
+    new = train(a, "lora" if method == "recon+lora" else method, student, run["lr"], a.tokens, Path(run["folder"]),
+                points=a.points)
+    rel = {k: max((abs(n[k] - o[k]) / o[k] for n, o in zip(new["curve"], run["curve"]) if k in n and k in o),
+                  default=None) for k in ("val", "wiki")}
+    run["retrained"] = {"date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "cpu": cpu_name(),
+                        "wall_s": round(time.perf_counter() - t, 1), "tokens_per_s": new["tokens_per_s"],
+                        "train_tokens": new["train_tokens"], "curve": new["curve"], "max_rel_diff": rel,
+                        "also_running": a.also_running}
+    log(f"{method}: trained again ({new['train_tokens']:,} tokens); its curve differs from the recorded one by at "
+        f"most {rel['val']:.2e} (validation) and {rel['wiki']:.2e} (WikiText-2), relative")
+
+
+def final_model(a, method: str, student: str, run: dict, save=lambda: None) -> str:
+    """The recovered model as a checkpoint: the full run's own, or the adapter merged into its student
+    (trained again first when the run's folder is gone: ``retrain``)."""
     folder = Path(run["folder"])
+    merged = folder.parent / (folder.name + "_merged")
+    done = folder / ("model/config.json" if method == "full" else "finetune_summary.json")
+    if not done.is_file() and not (merged / "config.json").is_file():
+        retrain(a, method, student, run)
+        save()
     if method == "full":
         return str(folder / "model")
-    merged = folder.parent / (folder.name + "_merged")
     if not (merged / "config.json").is_file():
         from gqaprune.recover.merge import merge_and_save_lora
 
@@ -291,13 +320,17 @@ def render(data: dict, stem: Path) -> None:
     zs = data.get("zeroshot", {})
     if zs:
         tasks = sorted({t for z in zs.values() for t in z["tasks"]})
-        L += ["", f"## Zero-shot (lm-eval 0.4, 0-shot, local validation files, first {a['zeroshot_limit']} examples "
-              "of each task; acc ± standard error)", "", "| model | " + " | ".join(tasks) + " | mean |",
-              "|---|" + "---:|" * (len(tasks) + 1)]
+        # examples scored per task (the same for every model: the first N of each local file, or all of a shorter one)
+        n = {t: next(z["tasks"][t] for z in zs.values() if t in z["tasks"]) for t in tasks}
+        L += ["", f"## Zero-shot (lm-eval {next(iter(zs.values())).get('lm_eval_version', '0.4')}, 0-shot, local "
+              f"validation files, the first {a['zeroshot_limit']} examples of each task or all of a shorter file; "
+              "acc ± its standard error)", "",
+              "| model | " + " | ".join(f"{t} (n {n[t]['n']:,} of {n[t]['n_available']:,})" for t in tasks)
+              + " | mean | s |", "|---|" + "---:|" * (len(tasks) + 2)]
         for name, z in zs.items():
             L.append(f"| {name} | " + " | ".join(
                 f"{z['tasks'][t]['acc']:.3f} ± {z['tasks'][t]['acc_stderr']:.3f}" if t in z["tasks"] else ""
-                for t in tasks) + f" | {z['mean_acc']:.3f} |")
+                for t in tasks) + f" | {z['mean_acc']:.3f} | {z.get('wall_s', 0):.0f} |")
     L += ["", "## Curves", "", f"![PPL against training tokens]({stem.name}.png)", "",
           "| method | step | tokens | val PPL | WikiText-2 PPL (first tokens) |", "|---|---:|---:|---:|---:|"]
     for m, r in runs.items():
@@ -406,7 +439,7 @@ def main(argv=None) -> int:
     whole_test = Measurer(a.curve_tokens, final_keys, data, save)
     # the most promising on validation first: when time runs out, what is left unmeasured is the worst
     for m, (student, run) in sorted(finals.items(), key=lambda kv: kv[1][1]["curve"][-1].get("val", math.inf)):
-        whole_test(m, final_model(m, student, run))
+        whole_test(m, lambda m=m, student=student, run=run: final_model(a, m, student, run, save))
     reuse(a, data)   # again: the recipes benchmark may have measured the student meanwhile
     for name, ref in (("dense", a.teacher), ("student", a.student)):
         whole_test(name, ref)
@@ -415,11 +448,13 @@ def main(argv=None) -> int:
         from gqaprune.models.io import load_model
 
         zs = data.setdefault("zeroshot", {})
-        refs = [("dense", a.teacher), ("student", a.student)] + [(m, final_model(m, s, r)) for m, (s, r) in finals.items()]
+        # dense and the student first: they need no training, where a final model may have to be trained again
+        refs = [("dense", lambda: a.teacher), ("student", lambda: a.student)] + [
+            (m, lambda m=m, s=s, r=r: final_model(a, m, s, r, save)) for m, (s, r) in finals.items()]
         for name, ref in refs:
             if name in zs:
                 continue
-            model, tok = load_model(ref, dtype="fp32", device="cpu")
+            model, tok = load_model(ref(), dtype="fp32", device="cpu")
             zs[name] = zeroshot(model, tok, list(SUPPORTED_TASKS), limit=a.zeroshot_limit, batch_size=8).to_dict()
             log(f"zero-shot {name}: mean acc {zs[name]['mean_acc']:.3f}")
             save()
