@@ -27,7 +27,8 @@ Resumable: each sweep point, run, merge and measurement is saved to OUT.json whe
 finished fine-tuning folder is reused. A run whose folder is gone (a new machine) but whose measurements
 are in the JSON is trained again only when its model is needed (``--zeroshot``): same settings, and the
 new curve's largest relative difference from the recorded one is saved beside it (``retrained``).
-``--sweep-from`` takes the sweep points another results file of this script measured on the same student.
+``--sweep-from`` takes the sweep points another results file of this script measured on the same student;
+``--zeroshot-from`` takes the dense model's zero-shot scores from one (same teacher and limit).
 ``--render`` redraws the Markdown and the PNG from the JSON.
 """
 
@@ -74,6 +75,9 @@ def parse_args(argv=None):
                         "student, --sweep-tokens and --curve-tokens are this run's (the same sweep); they are not run again")
     p.add_argument("--zeroshot", action="store_true", help="also the seven zero-shot tasks of each final model")
     p.add_argument("--zeroshot-limit", type=int, default=500)
+    p.add_argument("--zeroshot-from", default="", metavar="FILE",
+                   help="take the dense model's zero-shot scores from another results file of this script "
+                        "(same teacher and --zeroshot-limit, checked) instead of scoring it again")
     p.add_argument("--work", default="prune_log/recovery_curves", help="folder for the runs (not committed)")
     p.add_argument("--out", default="benchmarks/results/recovery_curves_smollm2")
     p.add_argument("--also-running", default="nothing else of ours")
@@ -127,6 +131,23 @@ def reuse_sweep(a, data: dict) -> None:
         if new:
             mine.update(new)
             data.setdefault("sweep_reused", {})[m] = Path(a.sweep_from).name
+
+
+def reuse_zeroshot(a, data: dict) -> None:
+    """Copy the dense model's zero-shot scores from ``--zeroshot-from`` (another results file of this script):
+    the teacher does not depend on the student, so its scores under the same protocol are the same measurement."""
+    if not a.zeroshot_from:
+        return
+    src = json.loads(Path(a.zeroshot_from).read_text())
+    theirs = src.get("meta", {}).get("args", {})
+    dense = src.get("zeroshot", {}).get("dense")
+    if dense is None or (theirs.get("teacher"), dense.get("limit")) != (a.teacher, a.zeroshot_limit):
+        raise SystemExit(f"--zeroshot-from {a.zeroshot_from}: no dense zero-shot scores of teacher {a.teacher} at "
+                         f"--zeroshot-limit {a.zeroshot_limit} there; leave it out to score the dense model")
+    zs = data.setdefault("zeroshot", {})
+    if "dense" not in zs:
+        zs["dense"] = dense
+        data["zeroshot_reused"] = {"dense": Path(a.zeroshot_from).name}
 
 
 def train(a, method: str, student: str, lr: float, tokens: int, folder: Path, points: int,
@@ -279,7 +300,9 @@ def render(data: dict, stem: Path) -> None:
          *[f"- {k}'s whole-test halves taken from {v} (the same measurement code on the same token ids)"
            for k, v in data.get("reused", {}).items()],
          *[f"- {k}'s learning-rate sweep points taken from {v} (the same student, sweep and curve tokens)"
-           for k, v in data.get("sweep_reused", {}).items()], ""]
+           for k, v in data.get("sweep_reused", {}).items()],
+         *[f"- {k}'s zero-shot scores taken from {v} (the same model, tasks, examples and code)"
+           for k, v in data.get("zeroshot_reused", {}).items()], ""]
     sw = data.get("sweep", {})
     if sw:
         L += ["## Learning-rate choice (validation)", "", "| method | lr | val PPL | tokens | chosen |",
@@ -401,6 +424,7 @@ def main(argv=None) -> int:
                             f"{(prov.get('recipe') or {}).get('name')}")
     reuse(a, data)
     reuse_sweep(a, data)
+    reuse_zeroshot(a, data)
     measure = Measurer(a.curve_tokens, ["val"], data, save)
     measure("dense", a.teacher)
     measure("student", a.student)
