@@ -136,7 +136,7 @@ def reuse_sweep(a, data: dict) -> None:
 def reuse_zeroshot(a, data: dict) -> None:
     """Copy the dense model's zero-shot scores from ``--zeroshot-from`` (another results file of this script):
     the teacher does not depend on the student, so its scores under the same protocol are the same measurement."""
-    if not a.zeroshot_from:
+    if not (a.zeroshot and a.zeroshot_from):
         return
     src = json.loads(Path(a.zeroshot_from).read_text())
     theirs = src.get("meta", {}).get("args", {})
@@ -257,6 +257,16 @@ def reconstructed_student(a, env: dict) -> str:
     return str(folder)
 
 
+def true_share(rec: dict | None) -> float | None:
+    """The share of 'true' answers among the BoolQ examples a zero-shot record scored (the first ``n`` of its
+    local file); None where the record or its file is not here (a Hub source, another machine)."""
+    if not rec or not Path(rec["source"]).is_file():
+        return None
+    with open(rec["source"]) as f:
+        answers = [json.loads(line)["answer"] for _, line in zip(range(rec["n"]), f)]
+    return sum(map(bool, answers)) / len(answers)
+
+
 def tiers(dense_ppl: float, ppl: float) -> str:
     from gqaprune.evaluate.compare import tier_limits
 
@@ -342,6 +352,8 @@ def render(data: dict, stem: Path) -> None:
                  f"{'' if end is None else format(end, '.2f')} | " + " | ".join(cells) + " |" + w2048(m))
     zs = data.get("zeroshot", {})
     if zs:
+        from gqaprune.evaluate.zeroshot import ZeroShotResult
+
         tasks = sorted({t for z in zs.values() for t in z["tasks"]})
         # examples scored per task (the same for every model: the first N of each local file, or all of a shorter one)
         n = {t: next(z["tasks"][t] for z in zs.values() if t in z["tasks"]) for t in tasks}
@@ -349,11 +361,17 @@ def render(data: dict, stem: Path) -> None:
               f"validation files, the first {a['zeroshot_limit']} examples of each task or all of a shorter file; "
               "acc ± its standard error)", "",
               "| model | " + " | ".join(f"{t} (n {n[t]['n']:,} of {n[t]['n_available']:,})" for t in tasks)
-              + " | mean | s |", "|---|" + "---:|" * (len(tasks) + 2)]
+              + " | mean | mean without boolq | s |", "|---|" + "---:|" * (len(tasks) + 3)]
         for name, z in zs.items():
+            res = ZeroShotResult.from_dict(z)
+            means = [res.mean(), res.mean(exclude=("boolq",))]
             L.append(f"| {name} | " + " | ".join(
                 f"{z['tasks'][t]['acc']:.3f} ± {z['tasks'][t]['acc_stderr']:.3f}" if t in z["tasks"] else ""
-                for t in tasks) + f" | {z['mean_acc']:.3f} | {z.get('wall_s', 0):.0f} |")
+                for t in tasks) + "".join(f" | {m:.3f} ± {se:.3f}" for m, se in means) + f" | {z.get('wall_s', 0):.0f} |")
+        share = true_share(n.get("boolq"))
+        if share is not None:
+            L += ["", f"BoolQ's examples scored here are {share:.2f} 'true' (always answering 'true' would score that); "
+                  "a model below it does worse than that constant answer, so the mean without BoolQ is given too."]
     L += ["", "## Curves", "", f"![PPL against training tokens]({stem.name}.png)", "",
           "| method | step | tokens | val PPL | WikiText-2 PPL (first tokens) |", "|---|---:|---:|---:|---:|"]
     for m, r in runs.items():

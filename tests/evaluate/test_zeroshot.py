@@ -149,3 +149,22 @@ def test_no_lm_eval_noise_outside_a_git_repository(tiny_model, tokenizer, data_e
     noise = [r.getMessage() for r in caplog.records if any(w in r.getMessage() for w in EXPECTED_WARNINGS)]
     assert noise == []
     assert ev.get_git_commit_hash is orig  # restored afterwards
+
+
+def test_mean_and_its_standard_error_and_round_trip():
+    def task(name, acc, se):
+        return zs.TaskResult(task=name, acc=acc, acc_norm=None, acc_stderr=se, acc_norm_stderr=None,
+                             split="validation", n=100, n_available=100, limit=None, source="x")
+
+    res = zs.ZeroShotResult(tasks={"a": task("a", 0.2, 0.03), "b": task("b", 0.6, 0.04), "boolq": task("boolq", 0.7, 0.0)},
+                            limit=None, batch_size=8)
+    mean, se = res.mean()
+    assert mean == pytest.approx(0.5) and se == pytest.approx(0.05 / 3)   # sqrt(0.03^2 + 0.04^2) / 3
+    mean, se = res.mean(exclude=("boolq",))
+    assert mean == pytest.approx(0.4) and se == pytest.approx(0.025)
+    d = json.loads(json.dumps(res.to_dict()))
+    assert d["mean_acc"] == pytest.approx(0.5) and d["mean_acc_stderr"] == pytest.approx(0.05 / 3)
+    back = zs.ZeroShotResult.from_dict(d)
+    assert back == res
+    res.tasks["a"].acc_stderr = None   # a task without a standard error: the mean has none
+    assert res.mean()[1] is None

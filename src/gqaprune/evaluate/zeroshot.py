@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import math
 import os
 import time
 from collections.abc import Iterator, Sequence
@@ -97,7 +98,23 @@ class ZeroShotResult:
     @property
     def mean_acc(self) -> float:
         """Unweighted mean of ``acc`` over the tasks (the LLM-Pruner tables' "average")."""
-        return sum(r.acc for r in self.tasks.values()) / max(len(self.tasks), 1)
+        return self.mean()[0]
+
+    def mean(self, exclude: Sequence[str] = ()) -> tuple[float, float | None]:
+        """(unweighted mean of ``acc`` over the tasks not in ``exclude``, its standard error). The tasks'
+        examples are disjoint, so the mean's variance is the sum of the tasks' variances over k^2; the
+        standard error is None where a task has none."""
+        rs = [r for name, r in self.tasks.items() if name not in exclude]
+        k = max(len(rs), 1)
+        se = None if any(r.acc_stderr is None for r in rs) else math.sqrt(sum(r.acc_stderr ** 2 for r in rs)) / k
+        return sum(r.acc for r in rs) / k, se
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "ZeroShotResult":
+        """The inverse of ``to_dict`` (a results file read back)."""
+        fields = {k: v for k, v in d.items() if k in cls.__dataclass_fields__}
+        fields["tasks"] = {name: TaskResult(**t) for name, t in d["tasks"].items()}
+        return cls(**fields)
 
     def accuracies(self, metric: str = "acc") -> dict[str, float]:
         """``{task: acc}`` (or ``acc_norm``, falling back to ``acc`` where a task has none)."""
@@ -111,7 +128,9 @@ class ZeroShotResult:
         """One line per task, then the mean; what the CLI prints."""
         head = (f"zero-shot (lm-eval {self.lm_eval_version}, {self.num_fewshot}-shot, "
                 f"{'local files' if self.offline else 'Hub datasets'}, limit {self.limit}, {self.wall_s:.1f} s)")
-        return [head] + [r.line() for r in self.tasks.values()] + [f"mean acc: {self.mean_acc:.4f}"]
+        mean, se = self.mean()
+        return [head] + [r.line() for r in self.tasks.values()] + [
+            f"mean acc: {mean:.4f}" + (f" ± {se:.4f}" if se is not None else "")]
 
     def markdown(self) -> str:
         """A Markdown table: task | acc | acc_norm | split | n | source."""
@@ -132,7 +151,7 @@ class ZeroShotResult:
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
-        d["mean_acc"] = self.mean_acc
+        d["mean_acc"], d["mean_acc_stderr"] = self.mean()
         return d
 
 
